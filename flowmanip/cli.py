@@ -1,0 +1,160 @@
+"""The ``flowmanip`` command line.
+
+    flowmanip pretrain RECIPE [key=value ...] [--resume]
+    flowmanip finetune RECIPE [key=value ...] [--resume]
+    flowmanip eval CKPT [--episodes N] [--video DIR] [--json]
+    flowmanip export CKPT --format torchscript -o policy.pt
+    flowmanip demos generate|replay|to-robomimic|inspect ...
+
+User errors print one line and exit with code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from flowmanip.errors import FlowmanipError
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML, e.g. recipes/pickcube.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. pretrain.steps=2000")
+    p.add_argument("--resume", action="store_true", help="continue from out_dir/<stage>/checkpoints/last")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in out_dir/<stage>")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowmanip", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="fit a flow policy to demonstrations (flow matching)")
+    _add_recipe_args(p)
+    p = sub.add_parser("finetune", help="train a flow policy online with SAC Flow")
+    _add_recipe_args(p)
+
+    p = sub.add_parser("eval", help="measure success in ManiSkill (ManiSkill's evaluation rules)")
+    p.add_argument("checkpoint", help="checkpoint directory (…/checkpoints/last) or a run stage directory")
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="episode seeds are seed, seed+1, ...")
+    p.add_argument("--num-envs", type=int, default=None, help="parallel eval envs (default: the recipe's)")
+    p.add_argument("--backend", choices=["auto", "gpu", "cpu"], default=None)
+    p.add_argument("--video", metavar="DIR", help="write one MP4 per episode batch here")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+    p = sub.add_parser("export", help="write a self-contained policy file for deployment")
+    p.add_argument("checkpoint")
+    p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--stochastic", action="store_true", help="bake in the noise-augmented rollout")
+    p.add_argument("--seed", type=int, default=0, help="noise seed for --stochastic")
+
+    demos = sub.add_parser("demos", help="make, convert and inspect demonstration files").add_subparsers(
+        dest="demos_command", required=True)
+    p = demos.add_parser("generate", help="ManiSkill motion-planning demos (pd_joint_pos, .h5 + .json)")
+    p.add_argument("env_id")
+    p.add_argument("-n", "--num", type=int, default=10)
+    p.add_argument("--seed-start", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--keep-failures", action="store_true", help="also keep unsuccessful episodes")
+    p.add_argument("-o", "--output", required=True, help="output .h5 path")
+
+    p = demos.add_parser("replay", help="change control/obs mode through ManiSkill's replay (records rewards)")
+    p.add_argument("source", help="ManiSkill .h5 (with .json beside it)")
+    p.add_argument("-c", "--control-mode", required=True)
+    p.add_argument("-o", "--obs-mode", default="state")
+    p.add_argument("--reward-mode", default="normalized_dense")
+    p.add_argument("--camera-size", type=int, default=None, help="camera width=height for image obs modes")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--count", type=int, default=None, help="convert only the first N episodes")
+    p.add_argument("--output", required=True, help="output .h5 path")
+
+    p = demos.add_parser("to-robomimic", help="ManiSkill .h5 (+ .json) to a robomimic .hdf5")
+    p.add_argument("source")
+    p.add_argument("--output", required=True, help="output .hdf5 path")
+
+    p = demos.add_parser("inspect", help="check a dataset and print its summary")
+    p.add_argument("path", help=".h5 (ManiSkill) or .hdf5 (robomimic)")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _run(args) -> int:
+    if args.command == "pretrain":
+        from flowmanip.train.pretrain import run_pretrain
+
+        run_pretrain(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+    elif args.command == "finetune":
+        from flowmanip.train.finetune import run_finetune
+
+        run_finetune(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+    elif args.command == "eval":
+        from flowmanip.train.evaluate import evaluate_checkpoint
+
+        result = evaluate_checkpoint(args.checkpoint, episodes=args.episodes, seed=args.seed, num_envs=args.num_envs,
+                                     backend=args.backend, video_dir=args.video)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for key, value in result.items():
+                print(f"{key:>16}: {value:.3f}" if isinstance(value, float) else f"{key:>16}: {value}")
+    elif args.command == "export":
+        from flowmanip.export import export_checkpoint
+
+        path = export_checkpoint(args.checkpoint, args.output, fmt=args.format, stochastic=args.stochastic,
+                                 seed=args.seed)
+        print(f"wrote {path}")
+    elif args.command == "demos":
+        return _run_demos(args)
+    return 0
+
+
+def _run_demos(args) -> int:
+    from flowmanip.data import demos
+
+    if args.demos_command == "generate":
+        r = demos.generate_demos(args.env_id, args.output, args.num, args.seed_start, args.workers,
+                                 only_success=not args.keep_failures)
+        print(f"wrote {r['kept']} demos ({r['solved']}/{r['attempts']} seeds solved) to {r['path']}")
+    elif args.demos_command == "replay":
+        r = demos.replay_convert(args.source, args.output, args.control_mode, args.obs_mode, args.reward_mode,
+                                 args.workers, args.camera_size, args.count)
+        print(f"converted {r['episodes_out']}/{r['episodes_in']} episodes "
+              f"{r['from_control_mode']} -> {r['control_mode']} ({r['obs_mode']} obs) to {r['path']}")
+        if r["episodes_out"] == 0:
+            raise FlowmanipError(f"{args.source}: no episode survived conversion to {args.control_mode}")
+    elif args.demos_command == "to-robomimic":
+        from flowmanip.data import read_maniskill, write_robomimic
+
+        if not args.output.endswith(".hdf5"):
+            raise FlowmanipError(f"{args.output}: robomimic files end in .hdf5")
+        meta, episodes = read_maniskill(args.source)
+        write_robomimic(args.output, meta, episodes)
+        print(f"wrote {len(episodes)} demos to {args.output}")
+    elif args.demos_command == "inspect":
+        from flowmanip.data import read_dataset
+        from flowmanip.data.validate import format_summary, summarize
+
+        meta, episodes = read_dataset(args.path)
+        summary = summarize(meta, episodes)
+        print(json.dumps(summary) if args.json else format_summary(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    try:
+        code = _run(args)
+    except FlowmanipError as e:
+        if args.debug:
+            raise
+        print(f"flowmanip: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("flowmanip: interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)

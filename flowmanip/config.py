@@ -1,0 +1,227 @@
+"""Typed recipes.
+
+A recipe is a YAML file validated against the dataclasses below (OmegaConf structured
+configs: types are checked, unknown keys rejected). ``key=value`` overrides use dotted
+paths (``pretrain.steps=2000``). Every error names the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from flowmanip.errors import FlowmanipError
+
+CHOICES = {
+    "env.backend": ("auto", "gpu", "cpu"),
+    "env.obs_mode": ("state", "rgb"),
+    "policy.velocity": ("mlp", "gated", "decoded"),
+    "policy.encoder": ("mlp", "identity"),
+    "policy.sigma_mode": ("fixed", "learned"),
+    "finetune.q_aggregation": ("min", "mean"),
+    "finetune.bc_type": ("flow_matching", "action_mse", "none"),
+    "finetune.actor": ("flow", "gaussian"),
+}
+
+
+@dataclass
+class EnvConfig:
+    id: str = "PickCube-v1"
+    control_mode: str = "pd_ee_delta_pos"
+    obs_mode: str = "state"  # state | rgb (cameras + proprioception)
+    reward_mode: str = "normalized_dense"
+    max_episode_steps: int = 100  # PickCube demos run 60-92 steps; the env default (50) cuts them off
+    backend: str = "auto"  # auto: physx_cuda when CUDA is available, else physx_cpu worker processes
+    num_envs: int = 2  # training envs (GPU: hundreds; CPU: one process each)
+    num_eval_envs: int = 2
+    camera_size: int = 64  # rgb only: camera width = height
+
+
+@dataclass
+class DataConfig:
+    path: str = "datasets/pickcube/pickcube_pd_ee_delta_pos.h5"
+    max_episodes: Optional[int] = None
+    action_margin: float = 0.05  # widen the data's action range by this fraction on each side
+
+
+@dataclass
+class PolicyConfig:
+    velocity: str = "gated"  # mlp (naive) | gated (Flow-G) | decoded (Flow-T)
+    flow_steps: int = 4  # K
+    chunk: int = 8  # H: actions predicted per decision
+    execute: int = 0  # actions executed per decision before replanning (0 = all H)
+    hidden_dim: int = 256
+    num_layers: int = 3
+    decoder_layers: int = 2  # Flow-T
+    decoder_heads: int = 4
+    decoder_dim: int = 128
+    encoder: str = "mlp"  # state obs: mlp | identity
+    encoder_dim: int = 256
+    cnn_channels: int = 32  # rgb encoder width
+    sigma_mode: str = "fixed"  # noise of the SAC rollout: fixed | learned (state-conditioned head)
+    sigma: float = 0.1
+    log_sigma_min: float = -5.0
+    log_sigma_max: float = 0.0
+
+
+@dataclass
+class PretrainConfig:
+    steps: int = 20000
+    batch_size: int = 256
+    lr: float = 3e-4
+    weight_decay: float = 1e-6
+    ema: float = 0.999  # EMA of weights used for eval/checkpoints (0 disables)
+    log_every: int = 100
+    eval_every: int = 5000
+    eval_episodes: int = 20
+    save_every: int = 5000
+
+
+@dataclass
+class FinetuneConfig:
+    init: Optional[str] = None  # default: out_dir/pretrain/checkpoints/last; "none" trains from scratch
+    actor: str = "flow"  # flow (SAC Flow) | gaussian (tanh-Gaussian SAC baseline)
+    total_env_steps: int = 50000
+    learning_starts: int = 1000  # env steps before updates start
+    random_warmup: int = 0  # env steps of uniform random actions (from-scratch runs)
+    batch_size: int = 256
+    utd: float = 1.0  # critic updates per decision step (per env step / H, all envs)
+    actor_delay: int = 1  # critic updates per actor update
+    gamma: float = 0.99
+    tau: float = 0.005
+    lr_actor: float = 3e-4
+    lr_critic: float = 3e-4
+    lr_alpha: float = 3e-4
+    init_alpha: float = 0.01
+    target_entropy: Optional[float] = None  # default: -action_dim * H / 2... see docs
+    learn_alpha: bool = True
+    num_q: int = 2
+    q_aggregation: str = "min"
+    q_hidden_dim: int = 256
+    q_layers: int = 3
+    grad_clip: float = 10.0
+    buffer_size: int = 1000000
+    demo_fraction: Optional[float] = 0.5  # RLPD-style share of demos per batch; None = uniform over the union
+    bc_type: str = "flow_matching"
+    bc_weight: float = 1.0
+    bc_decay_steps: int = 0  # linear decay of the BC weight to 0 over this many updates (0 = constant)
+    log_every: int = 1000  # env steps
+    eval_every: int = 10000  # env steps
+    eval_episodes: int = 20
+    save_every: int = 10000
+    save_buffer: bool = False
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = 100
+    seed: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "flowmanip"
+
+
+@dataclass
+class Recipe:
+    name: str = "pickcube"
+    out_dir: str = "runs/pickcube"
+    seed: int = 0
+    env: EnvConfig = field(default_factory=EnvConfig)
+    data: Optional[DataConfig] = field(default_factory=DataConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def _omegaconf_error(e, source: str) -> FlowmanipError:
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    key = getattr(e, "full_key", None) or "?"
+    if isinstance(e, ConfigKeyError):
+        return FlowmanipError(f"{source}: unknown config key '{key}'")
+    if isinstance(e, ValidationError):
+        return FlowmanipError(f"{source}: bad value for '{key}': {str(e).splitlines()[0]}")
+    return FlowmanipError(f"{source}: {str(e).splitlines()[0]}")
+
+
+def load_recipe(path: str | None, overrides: list[str] = ()) -> Recipe:
+    """Load a YAML recipe onto the schema, apply overrides, validate. Returns a Recipe."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    schema = OmegaConf.structured(Recipe)
+    cfg = schema
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FlowmanipError(f"{path}: recipe file not found")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:
+            raise FlowmanipError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        try:
+            cfg = OmegaConf.merge(schema, loaded)
+        except OmegaConfBaseException as e:
+            raise _omegaconf_error(e, path) from None
+    for item in overrides:
+        if "=" not in item:
+            raise FlowmanipError(f"override '{item}': expected key=value, e.g. pretrain.steps=2000")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _omegaconf_error(e, f"override '{item}'") from None
+    recipe: Recipe = OmegaConf.to_object(cfg)
+    validate(recipe, path or "<recipe>")
+    return recipe
+
+
+def validate(r: Recipe, source: str) -> None:
+    for key, choices in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(r, section), name)
+        if value not in choices:
+            raise FlowmanipError(f"{source}: {key}={value!r} is not one of {list(choices)}")
+    positive = {
+        "env.num_envs": r.env.num_envs, "env.num_eval_envs": r.env.num_eval_envs,
+        "env.max_episode_steps": r.env.max_episode_steps, "policy.flow_steps": r.policy.flow_steps,
+        "policy.chunk": r.policy.chunk, "pretrain.batch_size": r.pretrain.batch_size,
+        "finetune.batch_size": r.finetune.batch_size, "finetune.num_q": r.finetune.num_q,
+        "finetune.actor_delay": r.finetune.actor_delay, "finetune.buffer_size": r.finetune.buffer_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise FlowmanipError(f"{source}: {key} must be >= 1, got {value}")
+    if r.finetune.utd <= 0:
+        raise FlowmanipError(f"{source}: finetune.utd must be > 0, got {r.finetune.utd}")
+    if not 0 <= r.policy.execute <= r.policy.chunk:
+        raise FlowmanipError(f"{source}: policy.execute must be in [0, policy.chunk={r.policy.chunk}], got {r.policy.execute}")
+    if r.finetune.demo_fraction is not None and not 0 <= r.finetune.demo_fraction <= 1:
+        raise FlowmanipError(f"{source}: finetune.demo_fraction must be in [0, 1] or null")
+    if not 0 < r.finetune.gamma <= 1 or not 0 < r.finetune.tau <= 1:
+        raise FlowmanipError(f"{source}: finetune.gamma and finetune.tau must be in (0, 1]")
+    if r.policy.decoder_dim % r.policy.decoder_heads:
+        raise FlowmanipError(f"{source}: policy.decoder_dim must be divisible by policy.decoder_heads")
+
+
+def to_yaml(r: Recipe) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(r))
+
+
+def from_dict(d: dict) -> Recipe:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Recipe), OmegaConf.create(d)))
+
+
+def to_dict(r: Recipe) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(r))

@@ -1,0 +1,99 @@
+"""Demonstrations as training samples: (obs, action chunk, chunk reward, done, next obs).
+
+A sample at step t of an episode of length T holds the H actions ``a[t : t+H]`` (padded
+with the last action past the end, where ``action_mask`` is False), the chunk reward
+``sum_{i<n} gamma^i r_{t+i}`` over the ``n = min(H, T-t)`` real steps, ``discount =
+gamma^n``, ``terminated`` if the episode terminated inside the chunk, and the obs at
+``t + n``. Observations are stored once per episode step and indexed, so image datasets
+are not copied H times.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from flowmanip.errors import FlowmanipError
+
+
+def normalization_stats(episodes, env_low, env_high, margin: float = 0.05) -> dict:
+    """Obs mean/std and the per-dim action range of the data, widened by ``margin`` on each side.
+
+    Dims that never vary fall back to the env's bounds. Actions are clipped to the env's
+    bounds when they are mapped back (ActionScaler), not here, so that data at the bound
+    (a gripper at +-1) stays inside the open interval that atanh needs.
+    """
+    states = np.concatenate([e.obs["state"] for e in episodes])
+    actions = np.concatenate([e.actions for e in episodes])
+    low, high = actions.min(0), actions.max(0)
+    width = high - low
+    env_low, env_high = np.asarray(env_low, np.float32), np.asarray(env_high, np.float32)
+    flat = width < 1e-6
+    low = np.where(flat, env_low, low - margin * width)
+    high = np.where(flat, env_high, high + margin * width)
+    spec = {
+        "obs_dim": int(states.shape[1]),
+        "obs_mean": states.mean(0).tolist(),
+        "obs_std": states.std(0).tolist(),
+        "action_dim": int(actions.shape[1]),
+        "action_low": low.astype(np.float32).tolist(),
+        "action_high": high.astype(np.float32).tolist(),
+        "env_low": env_low.tolist(),
+        "env_high": env_high.tolist(),
+        "rgb_shape": list(episodes[0].obs["rgb"].shape[1:]) if "rgb" in episodes[0].obs else None,
+    }
+    return spec
+
+
+class DemoSamples:
+    """All windows of a list of episodes, as CPU tensors; ``sample(batch)`` draws uniformly."""
+
+    def __init__(self, episodes, chunk: int, gamma: float = 0.99):
+        if not episodes:
+            raise FlowmanipError("no episodes to train on")
+        obs_keys = list(episodes[0].obs.keys())
+        obs_parts = {k: [] for k in obs_keys}
+        actions, masks, rewards, discounts, terminated, idx_obs, idx_next = [], [], [], [], [], [], []
+        offset = 0
+        for ep in episodes:
+            T = ep.length
+            for k in obs_keys:
+                obs_parts[k].append(ep.obs[k])
+            r = ep.rewards if ep.rewards is not None else np.zeros(T, np.float32)
+            padded = np.concatenate([ep.actions, np.repeat(ep.actions[-1:], chunk - 1, axis=0)])
+            for t in range(T):
+                n = min(chunk, T - t)
+                actions.append(padded[t:t + chunk])
+                masks.append(np.arange(chunk) < n)
+                rewards.append(float(np.sum(r[t:t + n] * gamma ** np.arange(n))))
+                discounts.append(gamma ** n)
+                terminated.append(bool(ep.terminated[t:t + n].any()))
+                idx_obs.append(offset + t)
+                idx_next.append(offset + t + n)
+            offset += T + 1
+        self.obs = {k: torch.as_tensor(np.concatenate(v)) for k, v in obs_parts.items()}
+        self.actions = torch.as_tensor(np.stack(actions), dtype=torch.float32)  # [N, H, A] env units
+        self.action_mask = torch.as_tensor(np.stack(masks))
+        self.reward = torch.as_tensor(rewards, dtype=torch.float32)
+        self.discount = torch.as_tensor(discounts, dtype=torch.float32)
+        self.terminated = torch.as_tensor(terminated)
+        self.idx_obs = torch.as_tensor(idx_obs)
+        self.idx_next = torch.as_tensor(idx_next)
+        self.has_rewards = all(e.rewards is not None for e in episodes)
+
+    def __len__(self) -> int:
+        return self.actions.shape[0]
+
+    def get(self, idx: torch.Tensor) -> dict:
+        return {
+            "obs": {k: v[self.idx_obs[idx]] for k, v in self.obs.items()},
+            "next_obs": {k: v[self.idx_next[idx]] for k, v in self.obs.items()},
+            "action": self.actions[idx],
+            "action_mask": self.action_mask[idx],
+            "reward": self.reward[idx],
+            "discount": self.discount[idx],
+            "terminated": self.terminated[idx],
+        }
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict:
+        return self.get(torch.randint(len(self), (batch_size,), generator=generator))

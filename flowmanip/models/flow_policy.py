@@ -1,0 +1,99 @@
+"""The flow policy: a K-step rollout of a velocity field, squashed by tanh.
+
+Shapes: ``z [B, z_dim]``; the rollout state ``A_k [B, d]`` with ``d = H * action_dim``;
+the action ``tanh(A_K)`` is the chunk in normalised units ``[-1, 1]``.
+
+- deterministic: ``A_{k+1} = A_k + dt * v(A_k, t_k, z)``
+- noise-augmented: ``A_{k+1} = A_k + dt * v(A_k, t_k, z) + sigma * eps_k``; its path
+  log-likelihood is SAC's entropy term:
+  ``log N(A_0; 0, I) + sum_k log N(A_{k+1}; A_k + dt v_k, sigma^2 I) - sum_j log(1 - tanh(A_K,j)^2 + 1e-6)``
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from flowmanip.models.velocity import make_velocity
+
+LOG_2PI = math.log(2.0 * math.pi)
+ATANH_EPS = 1e-3  # flow-matching targets are atanh(clip(a, -1 + eps, 1 - eps))
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim of log N(x; mean, exp(log_std)^2), in float32."""
+    x, mean, log_std = x.float(), mean.float(), log_std.float()
+    z = (x - mean) * torch.exp(-log_std)
+    return (-0.5 * z.pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
+
+
+def tanh_log_det(pre_tanh: torch.Tensor) -> torch.Tensor:
+    """Sum over the last dim of log(1 - tanh(u)^2 + 1e-6)."""
+    return torch.log(1.0 - torch.tanh(pre_tanh.float()).pow(2) + 1e-6).sum(-1)
+
+
+class FlowActor(nn.Module):
+    def __init__(self, z_dim: int, action_dim: int, cfg):
+        super().__init__()
+        self.action_dim = action_dim
+        self.chunk = cfg.chunk
+        self.flow_steps = cfg.flow_steps
+        self.dim = action_dim * cfg.chunk
+        self.velocity = make_velocity(cfg.velocity, z_dim, action_dim, cfg)
+        self.sigma_mode = cfg.sigma_mode
+        self.log_sigma_min, self.log_sigma_max = cfg.log_sigma_min, cfg.log_sigma_max
+        self.register_buffer("fixed_log_sigma", torch.tensor(math.log(cfg.sigma)))
+        # state-conditioned noise scale: starts at the configured fixed sigma
+        self.sigma_head = nn.Linear(z_dim, self.dim)
+        nn.init.zeros_(self.sigma_head.weight)
+        nn.init.constant_(self.sigma_head.bias, math.log(cfg.sigma))
+
+    def log_sigma(self, z: torch.Tensor) -> torch.Tensor:
+        if self.sigma_mode == "learned":
+            return self.sigma_head(z).clamp(self.log_sigma_min, self.log_sigma_max)
+        return self.fixed_log_sigma.expand(z.shape[0], self.dim)
+
+    def deterministic(self, z: torch.Tensor, a0: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Pre-tanh ``A_K [B, d]`` of the noise-free rollout (``A_0`` is zeros unless given)."""
+        a = torch.zeros(z.shape[0], self.dim, device=z.device) if a0 is None else a0
+        dt = 1.0 / self.flow_steps
+        for k in range(self.flow_steps):
+            t = torch.full((z.shape[0],), k * dt, device=z.device)
+            a = a + dt * self.velocity(a, t, z)
+        return a
+
+    def sample(self, z: torch.Tensor, keep_states: bool = False,
+               generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+        """Noise-augmented rollout. Returns ``(action [B, d] in [-1, 1], log_prob [B], states)``.
+
+        ``states`` holds ``A_0 .. A_{K-1}`` (when ``keep_states``) for gradient diagnostics.
+        The action is reparameterised through all K steps.
+        """
+        B = z.shape[0]
+        dt = 1.0 / self.flow_steps
+        a = torch.randn(B, self.dim, device=z.device, generator=generator)
+        log_prob = gaussian_log_prob(a, torch.zeros_like(a), torch.zeros_like(a))
+        log_sigma = self.log_sigma(z)
+        sigma = log_sigma.exp()
+        states: List[torch.Tensor] = []
+        for k in range(self.flow_steps):
+            if keep_states:
+                states.append(a)
+            t = torch.full((B,), k * dt, device=z.device)
+            mean = a + dt * self.velocity(a, t, z)
+            noise = torch.randn(B, self.dim, device=z.device, generator=generator)
+            a = mean + sigma * noise
+            log_prob = log_prob + gaussian_log_prob(a, mean, log_sigma)
+        log_prob = log_prob - tanh_log_det(a)
+        return torch.tanh(a), log_prob, states
+
+    def flow_matching_loss(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Conditional flow matching in pre-tanh space. ``action [B, d]`` normalised to [-1, 1]."""
+        x1 = torch.atanh(action.clamp(-1 + ATANH_EPS, 1 - ATANH_EPS))
+        x0 = torch.randn_like(x1)
+        t = torch.rand(x1.shape[0], device=x1.device)
+        xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+        return (self.velocity(xt, t, z) - (x1 - x0)).pow(2).mean()

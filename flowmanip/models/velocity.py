@@ -1,0 +1,90 @@
+"""Velocity fields ``v(A_k, t_k, z)`` of the flow rollout (DESIGN.md, "Velocity fields").
+
+All take ``a [B, d]`` (d = H * action_dim), ``t [B]`` and ``z [B, z_dim]`` and return ``[B, d]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flowmanip.models.layers import TimeEmbedding, mlp
+
+
+class MLPVelocity(nn.Module):
+    """Naive field: ``v = MLP([z, A_k, emb(t_k)])``."""
+
+    def __init__(self, z_dim: int, action_dim: int, chunk: int, hidden_dim: int = 256, num_layers: int = 3):
+        super().__init__()
+        d = action_dim * chunk
+        self.time = TimeEmbedding(32)
+        self.net = mlp(z_dim + d + 32, hidden_dim, d, num_layers)
+
+    def forward(self, a: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([z, a, self.time(t)], dim=-1))
+
+
+class GatedVelocity(nn.Module):
+    """Flow-G: ``v = g * (h - A_k)`` with ``g = sigmoid(MLP_g(.))``, ``h = MLP_h(.)``.
+
+    A step is then ``A_{k+1} = (1 - dt*g) A_k + dt*g*h``: a GRU-like leaky update whose
+    gate bounds how much each step can amplify gradients. The gate's last layer starts
+    at weight 0 and bias 5 (g ~ 0.993).
+    """
+
+    def __init__(self, z_dim: int, action_dim: int, chunk: int, hidden_dim: int = 256, num_layers: int = 3):
+        super().__init__()
+        d = action_dim * chunk
+        self.time = TimeEmbedding(32)
+        self.gate = mlp(z_dim + d + 32, hidden_dim, d, num_layers)
+        self.candidate = mlp(z_dim + d + 32, hidden_dim, d, num_layers)
+        nn.init.zeros_(self.gate[-1].weight)
+        nn.init.constant_(self.gate[-1].bias, 5.0)
+
+    def forward(self, a: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([z, a, self.time(t)], dim=-1)
+        g = torch.sigmoid(self.gate(x))
+        return g * (self.candidate(x) - a)
+
+
+class DecodedVelocity(nn.Module):
+    """Flow-T: post-norm Transformer-decoder layers over the action chunk.
+
+    Query tokens are ``Linear(A_k)`` per chunk step plus a learned position and
+    ``TimeMLP(t_k)``; the memory token is ``StateMLP(z)``; each layer does
+    self-attention (across the H chunk steps), cross-attention to the memory and a
+    feed-forward block; ``v = Linear(x)``. With H = 1 this is DESIGN.md's single query
+    token. Each flow step is evaluated on its own (no attention across flow steps).
+    """
+
+    def __init__(self, z_dim: int, action_dim: int, chunk: int, width: int = 128, num_layers: int = 2,
+                 num_heads: int = 4):
+        super().__init__()
+        self.action_dim, self.chunk = action_dim, chunk
+        self.time = TimeEmbedding(32)
+        self.action_in = nn.Linear(action_dim, width)
+        self.position = nn.Parameter(torch.zeros(1, chunk, width))
+        self.time_mlp = nn.Sequential(nn.Linear(32, width), nn.GELU(), nn.Linear(width, width))
+        self.state_mlp = nn.Sequential(nn.Linear(z_dim, width), nn.GELU(), nn.Linear(width, width))
+        layer = nn.TransformerDecoderLayer(width, num_heads, dim_feedforward=2 * width, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=False)
+        self.decoder = nn.TransformerDecoder(layer, num_layers)
+        self.out = nn.Linear(width, action_dim)
+
+    def forward(self, a: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        B = a.shape[0]
+        tokens = self.action_in(a.reshape(B, self.chunk, self.action_dim)) + self.position
+        tokens = tokens + self.time_mlp(self.time(t))[:, None, :]
+        memory = self.state_mlp(z)[:, None, :]
+        x = self.decoder(tokens, memory)
+        return self.out(x).reshape(B, self.chunk * self.action_dim)
+
+
+def make_velocity(kind: str, z_dim: int, action_dim: int, cfg) -> nn.Module:
+    if kind == "mlp":
+        return MLPVelocity(z_dim, action_dim, cfg.chunk, cfg.hidden_dim, cfg.num_layers)
+    if kind == "gated":
+        return GatedVelocity(z_dim, action_dim, cfg.chunk, cfg.hidden_dim, cfg.num_layers)
+    if kind == "decoded":
+        return DecodedVelocity(z_dim, action_dim, cfg.chunk, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_heads)
+    raise ValueError(f"unknown velocity field {kind!r}")

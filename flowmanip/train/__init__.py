@@ -1,0 +1,1 @@
+"""Training loops (pretrain, finetune), evaluation, checkpoints and logging."""

@@ -1,0 +1,165 @@
+"""``flowmanip pretrain``: fit a flow policy to demonstrations with flow matching.
+
+Writes ``<out_dir>/pretrain/``: ``config.yaml``, ``metrics.jsonl``, TensorBoard events,
+``checkpoints/<step>/`` + ``checkpoints/last``, ``learning_curve.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import time
+
+import torch
+from tqdm import tqdm
+
+from flowmanip.config import load_recipe, to_yaml
+from flowmanip.errors import FlowmanipError
+from flowmanip.models.policy import Policy
+
+
+def device_for(backend: str) -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() and backend != "cpu" else "cpu")
+
+
+def load_demos(recipe):
+    """Read the recipe's dataset and check it was recorded for the recipe's env/control/obs mode."""
+    from flowmanip.data import read_dataset
+    from flowmanip.data.validate import check_matches
+
+    if recipe.data is None or not recipe.data.path:
+        raise FlowmanipError("data.path: this stage needs a demonstration dataset")
+    meta, episodes = read_dataset(recipe.data.path, recipe.data.max_episodes)
+    check_matches(meta, episodes, env_id=recipe.env.id, control_mode=recipe.env.control_mode,
+                  obs_mode=recipe.env.obs_mode, source=recipe.data.path)
+    return meta, episodes
+
+
+def policy_from_checkpoint(ckpt: dict, ema: bool = True) -> Policy:
+    recipe = ckpt["recipe"]
+    policy = Policy(ckpt["spec"], recipe.policy, ckpt["meta"].get("actor", "flow"))
+    weights = ckpt["weights"]
+    policy.load_state_dict(weights["policy_ema"] if ema and "policy_ema" in weights else weights["policy"])
+    return policy.eval()
+
+
+def prepare_stage_dir(stage_dir: str, resume: bool, overwrite: bool = False) -> None:
+    has_ckpt = os.path.isdir(os.path.join(stage_dir, "checkpoints"))
+    if resume:
+        if not has_ckpt:
+            raise FlowmanipError(f"{stage_dir}: nothing to resume (no checkpoints/ there)")
+        return
+    if has_ckpt and not overwrite:
+        raise FlowmanipError(f"{stage_dir}: already holds a run; pass --resume to continue it, --overwrite to "
+                             "start again, or out_dir=... for a new run")
+    if has_ckpt:
+        shutil.rmtree(stage_dir)
+    os.makedirs(stage_dir, exist_ok=True)
+
+
+def cosine_lr(step: int, total: int, warmup: int = 500, floor: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overwrite: bool = False) -> dict:
+    from flowmanip.data.samples import DemoSamples, normalization_stats
+    from flowmanip.envs import make_vector_env
+    from flowmanip.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from flowmanip.train.evaluate import check_env_matches_spec, evaluate_policy
+    from flowmanip.train.logger import MetricsLogger, plot_curves
+    from flowmanip.utils import set_seed
+
+    recipe = load_recipe(recipe_path, overrides)
+    cfg = recipe.pretrain
+    stage_dir = os.path.join(recipe.out_dir, "pretrain")
+    _, episodes = load_demos(recipe)
+    prepare_stage_dir(stage_dir, resume, overwrite)
+    set_seed(recipe.seed)
+    device = device_for(recipe.env.backend)
+
+    env = make_vector_env(recipe.env, recipe.env.num_eval_envs, recipe.env.backend)
+    logger = None
+    try:
+        start_step, ckpt = 0, None
+        if resume:
+            ckpt = load_checkpoint(os.path.join(stage_dir, "checkpoints", "last"), with_training_state=True)
+            spec = ckpt["spec"]
+            start_step = ckpt["meta"]["step"]
+        else:
+            spec = normalization_stats(episodes, env.action_low.numpy(), env.action_high.numpy(),
+                                       recipe.data.action_margin)
+        check_env_matches_spec(env, spec, env.reset(), recipe.data.path)
+        with open(os.path.join(stage_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(recipe))
+
+        policy = Policy(spec, recipe.policy).to(device)
+        ema_policy = copy.deepcopy(policy).eval()
+        optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, cfg.steps))
+        if ckpt is not None:
+            policy.load_state_dict(ckpt["weights"]["policy"])
+            ema_policy.load_state_dict(ckpt["weights"]["policy_ema"])
+            optimizer.load_state_dict(ckpt["training_state"]["optimizer"])
+            scheduler.load_state_dict(ckpt["training_state"]["scheduler"])
+            set_rng_state(ckpt["training_state"]["rng"])
+
+        samples = DemoSamples(episodes, recipe.policy.chunk)
+        actions = policy.scaler.to_normalized(samples.actions.to(device)).reshape(len(samples), -1)
+        obs_all = {k: v.to(device) for k, v in samples.obs.items()}
+        idx_obs = samples.idx_obs.to(device)
+        logger = MetricsLogger(stage_dir, recipe, "pretrain", resume_step=start_step if resume else None)
+        execute = recipe.policy.execute or recipe.policy.chunk
+
+        def evaluate(step):
+            result = evaluate_policy(ema_policy.act, env, cfg.eval_episodes, recipe.env.max_episode_steps,
+                                     execute, seed=recipe.eval.seed, device=device)
+            logger.log(step, {f"eval/{k}": v for k, v in result.items()})
+            return result
+
+        def save(step):
+            weights = {"policy": policy.state_dict(), "policy_ema": ema_policy.state_dict()}
+            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+            save_checkpoint(stage_dir, step, recipe, spec, weights, state, "pretrain")
+
+        t0 = time.time()
+        last_eval = None
+        bar = tqdm(range(start_step, cfg.steps), initial=start_step, total=cfg.steps, desc="pretrain",
+                   dynamic_ncols=True)
+        for step in bar:
+            idx = torch.randint(len(samples), (cfg.batch_size,), device=device)
+            obs = {k: v[idx_obs[idx]] for k, v in obs_all.items()}
+            loss = policy.actor.flow_matching_loss(policy.encoder(obs), actions[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                decay = cfg.ema if cfg.ema > 0 else 0.0
+                for p_ema, p in zip(ema_policy.parameters(), policy.parameters()):
+                    p_ema.lerp_(p, 1.0 - decay)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                logger.log(done, {"loss": loss.item(), "grad_norm": grad_norm.item(),
+                                  "lr": scheduler.get_last_lr()[0], "time_s": time.time() - t0})
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if cfg.eval_every > 0 and (done % cfg.eval_every == 0 or done == cfg.steps) and cfg.eval_episodes > 0:
+                last_eval = evaluate(done)
+                bar.write(f"step {done}: success_once={last_eval['success_once']:.3f} "
+                          f"success_at_end={last_eval['success_at_end']:.3f}")
+            if done % cfg.save_every == 0 or done == cfg.steps:
+                save(done)
+        if start_step >= cfg.steps:
+            save(cfg.steps)
+        plot_curves(logger.path, os.path.join(stage_dir, "learning_curve.png"),
+                    ["loss", "eval/success_once", "eval/success_at_end"], title=f"{recipe.name} pretrain")
+        return {"stage_dir": stage_dir, "eval": last_eval, "time_s": time.time() - t0}
+    finally:
+        env.close()
+        if logger is not None:
+            logger.close()
