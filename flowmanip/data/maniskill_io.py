@@ -75,6 +75,9 @@ def json_path_for(h5_path: str) -> str:
 
 
 def read_maniskill_meta(h5_path: str) -> tuple[DatasetMeta, dict]:
+    from flowmanip.data.validate import check_h5_path
+
+    check_h5_path(h5_path)
     json_path = json_path_for(h5_path)
     if not os.path.exists(json_path):
         raise FlowmanipError(

@@ -59,7 +59,11 @@ def write_robomimic(path: str, meta: DatasetMeta, episodes: list[Episode]) -> No
 
 def read_robomimic(path: str, max_episodes: int | None = None) -> tuple[DatasetMeta, list[Episode]]:
     """Read a robomimic file. Env metadata goes through robomimic's own reader."""
-    import robomimic.utils.file_utils as robomimic_files
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # robomimic prints a macro-file notice on import
+        import robomimic.utils.file_utils as robomimic_files
 
     with open_h5(path) as f:
         if "data" not in f:

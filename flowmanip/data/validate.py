@@ -11,15 +11,19 @@ import numpy as np
 from flowmanip.errors import FlowmanipError
 
 
-@contextlib.contextmanager
-def open_h5(path: str, mode: str = "r"):
-    """Open an HDF5 file for reading, turning every failure into one clear error."""
+def check_h5_path(path: str) -> None:
     if not os.path.exists(path):
         raise FlowmanipError(f"{path}: no such file")
     if os.path.isdir(path):
         raise FlowmanipError(f"{path}: is a directory, expected an HDF5 file")
     if not h5py.is_hdf5(path):
         raise FlowmanipError(f"{path}: not an HDF5 file")
+
+
+@contextlib.contextmanager
+def open_h5(path: str, mode: str = "r"):
+    """Open an HDF5 file for reading, turning every failure into one clear error."""
+    check_h5_path(path)
     try:
         f = h5py.File(path, mode)
     except OSError as e:

@@ -153,7 +153,12 @@ class CpuVectorEnv:
             child.close()
             self.remotes.append(parent)
             self.procs.append(p)
-        replies = [r.recv() for r in self.remotes]
+        try:
+            replies = [r.recv() for r in self.remotes]
+        except EOFError:
+            self.close()
+            raise FlowmanipError(f"a {env_cfg.id} worker process exited during start-up (scripts that make envs "
+                                 "need an `if __name__ == '__main__':` guard)") from None
         for status, payload in replies:
             if status == "error":
                 self.close()

@@ -75,6 +75,8 @@ class FlowActor(nn.Module):
         B = z.shape[0]
         dt = 1.0 / self.flow_steps
         a = torch.randn(B, self.dim, device=z.device, generator=generator)
+        if keep_states:
+            a.requires_grad_(True)  # so that d loss / d A_0 exists for the diagnostics
         log_prob = gaussian_log_prob(a, torch.zeros_like(a), torch.zeros_like(a))
         log_sigma = self.log_sigma(z)
         sigma = log_sigma.exp()

@@ -1,0 +1,1 @@
+"""Losses: flow matching (pretraining, BC term) and SAC Flow (online)."""

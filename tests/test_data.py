@@ -1,0 +1,163 @@
+"""Demo generation, conversion, loading and inspection on real ManiSkill files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import run_cli
+from flowmanip.data import read_dataset, read_maniskill, read_robomimic
+from flowmanip.data.samples import DemoSamples, normalization_stats
+
+
+def test_generated_demos_are_successful_maniskill_files(demo_dir):
+    info = json.loads((demo_dir / "pick.json").read_text())
+    assert info["env_info"]["env_id"] == "PickCube-v1"
+    assert len(info["episodes"]) == 4
+    assert all(ep["success"] for ep in info["episodes"])
+    assert all(ep["control_mode"] == "pd_joint_pos" for ep in info["episodes"])
+    with h5py.File(demo_dir / "pick.h5") as f:
+        assert f["traj_0/actions"].shape[1] == 8  # 7 joints + gripper
+
+
+def test_converted_demos_load_with_values_from_the_source(demo_dir):
+    meta, episodes = read_maniskill(str(demo_dir / "pick_ee.h5"))
+    assert (meta.env_id, meta.control_mode, meta.obs_mode, meta.reward_mode) == (
+        "PickCube-v1", "pd_ee_delta_pos", "state", "normalized_dense")
+    assert len(episodes) == 4
+    with h5py.File(demo_dir / "pick_ee.h5") as f:
+        for i, ep in enumerate(episodes):
+            g = f[f"traj_{i}"]
+            np.testing.assert_array_equal(ep.actions, g["actions"][()])
+            np.testing.assert_array_equal(ep.obs["state"], g["obs"][()])
+            np.testing.assert_array_equal(ep.rewards, g["rewards"][()])
+            assert ep.actions.shape[1] == 4 and ep.obs["state"].shape == (ep.length + 1, 42)
+            assert ep.success[-1]
+            assert 0 <= ep.rewards.min() and ep.rewards.max() <= 1  # normalized_dense
+
+
+def test_robomimic_round_trip_and_robomimic_reads_it(demo_dir):
+    _, ms = read_maniskill(str(demo_dir / "pick_ee.h5"))
+    meta, rm = read_robomimic(str(demo_dir / "pick_ee.hdf5"))
+    assert (meta.env_id, meta.control_mode, meta.obs_mode) == ("PickCube-v1", "pd_ee_delta_pos", "state")
+    for a, b in zip(ms, rm):
+        np.testing.assert_array_equal(a.actions, b.actions)
+        np.testing.assert_array_equal(a.obs["state"], b.obs["state"])
+        np.testing.assert_array_equal(a.rewards, b.rewards)
+    # robomimic's own dataset class reads the file we wrote
+    import robomimic.utils.obs_utils as ObsUtils
+    from robomimic.utils.dataset import SequenceDataset
+
+    ObsUtils.initialize_obs_modality_mapping_from_dict({"low_dim": ["state"]})
+    ds = SequenceDataset(hdf5_path=str(demo_dir / "pick_ee.hdf5"), obs_keys=["state"],
+                         dataset_keys=["actions", "rewards", "dones"], seq_length=8, pad_seq_length=True,
+                         hdf5_cache_mode=None, hdf5_use_swmr=False)
+    assert len(ds) == sum(e.length for e in ms)
+    item = ds[0]
+    assert item["actions"].shape == (8, 4)
+    np.testing.assert_allclose(item["actions"], ms[0].actions[:8])
+
+
+def test_samples_windows_chunks_rewards_and_next_obs(demo_dir):
+    _, episodes = read_dataset(str(demo_dir / "pick_ee.h5"))
+    H, gamma = 4, 0.9
+    s = DemoSamples(episodes, H, gamma)
+    assert len(s) == sum(e.length for e in episodes)
+    ep = episodes[0]
+    T = ep.length
+    b = s.get(np.array([0, T - 2]))
+    np.testing.assert_array_equal(b["action"][0].numpy(), ep.actions[:H])
+    np.testing.assert_allclose(b["reward"][0].item(), sum(gamma ** i * ep.rewards[i] for i in range(H)), rtol=1e-5)
+    np.testing.assert_array_equal(b["next_obs"]["state"][0].numpy(), ep.obs["state"][H])
+    # the last window runs off the end: 2 real steps, padding repeats the last action
+    assert b["action_mask"][1].tolist() == [True, True, False, False]
+    np.testing.assert_array_equal(b["action"][1, 2].numpy(), ep.actions[-1])
+    assert b["discount"][1].item() == pytest.approx(gamma ** 2)
+    np.testing.assert_array_equal(b["next_obs"]["state"][1].numpy(), ep.obs["state"][T])
+    spec = normalization_stats(episodes, -np.ones(4), np.ones(4))
+    actions = np.concatenate([e.actions for e in episodes])
+    assert np.all(np.array(spec["action_low"]) < actions.min(0)) and np.all(np.array(spec["action_high"]) > actions.max(0))
+
+
+def test_inspect_prints_summary(demo_dir):
+    out = run_cli("demos", "inspect", demo_dir / "pick_ee.hdf5", "--json").stdout
+    summary = json.loads(out)
+    assert summary["episodes"] == 4 and summary["control_mode"] == "pd_ee_delta_pos"
+    assert summary["obs_shapes"] == {"state": [42]} and summary["success_at_end"] == 1.0
+
+
+def test_rgb_conversion_has_images_and_state(rgb_demo):
+    meta, episodes = read_maniskill(str(rgb_demo))
+    assert meta.obs_mode == "rgb" and len(episodes) == 2
+    rgb = episodes[0].obs["rgb"]
+    assert rgb.shape[1:] == (32, 32, 3) and rgb.dtype == np.uint8 and rgb.std() > 0
+    assert episodes[0].obs["state"].shape[1] == 29  # qpos, qvel, is_grasped, tcp_pose, goal_pos
+
+
+# --- bad input: one line naming the file, exit code 2, no traceback, nothing half-written ---------------
+
+def _assert_user_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("flowmanip: error:")]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_inputs(demo_dir, tmp_path):
+    out = tmp_path / "out.hdf5"
+    # nonexistent path
+    _assert_user_error(run_cli("demos", "inspect", tmp_path / "nope.h5", check=False), "nope.h5", "no such file")
+    # not HDF5
+    junk = tmp_path / "junk.h5"
+    junk.write_text("hello")
+    _assert_user_error(run_cli("demos", "inspect", junk, check=False), "junk.h5", "not an HDF5 file")
+    # truncated HDF5
+    data = (demo_dir / "pick_ee.h5").read_bytes()
+    trunc = tmp_path / "trunc.h5"
+    trunc.write_bytes(data[: len(data) // 3])
+    shutil.copy(demo_dir / "pick_ee.json", tmp_path / "trunc.json")
+    _assert_user_error(run_cli("demos", "inspect", trunc, check=False), "trunc.h5")
+    # ManiSkill .h5 without its .json
+    lonely = tmp_path / "lonely.h5"
+    shutil.copy(demo_dir / "pick_ee.h5", lonely)
+    _assert_user_error(run_cli("demos", "to-robomimic", lonely, "--output", out, check=False), "lonely.json")
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+    # NaN in actions
+    nan = tmp_path / "nan.h5"
+    shutil.copy(demo_dir / "pick_ee.h5", nan)
+    shutil.copy(demo_dir / "pick_ee.json", tmp_path / "nan.json")
+    with h5py.File(nan, "r+") as f:
+        f["traj_1/actions"][3, 0] = np.nan
+    _assert_user_error(run_cli("demos", "to-robomimic", nan, "--output", out, check=False),
+                       "nan.h5:traj_1", "NaN")
+    assert not out.exists()
+    # a dataset whose control mode differs from what the recipe asks for
+    _assert_user_error(run_cli("pretrain", "recipes/pickcube.yaml", f"data.path={demo_dir / 'pick_ee.h5'}",
+                               "env.control_mode=pd_ee_delta_pose", f"out_dir={tmp_path / 'run'}", check=False),
+                       "pick_ee.h5", "control_mode", "pd_ee_delta_pose")
+    # raw demos recorded without observations
+    _assert_user_error(run_cli("pretrain", "recipes/pickcube.yaml", f"data.path={demo_dir / 'pick.h5'}",
+                               "env.control_mode=pd_joint_pos", f"out_dir={tmp_path / 'run'}", check=False),
+                       "pick.h5", "no observations")
+    assert not (tmp_path / "run").exists()
+
+
+def test_obs_shape_mismatch_is_reported(demo_dir, tmp_path):
+    # cut the state vector of every episode: the env gives 42 dims, the file 40
+    bad = tmp_path / "short.hdf5"
+    shutil.copy(demo_dir / "pick_ee.hdf5", bad)
+    with h5py.File(bad, "r+") as f:
+        for k in f["data"]:
+            for group in ("obs", "next_obs"):
+                v = f[f"data/{k}/{group}/state"][()][:, :40]
+                del f[f"data/{k}/{group}/state"]
+                f[f"data/{k}/{group}/state"] = v
+    proc = run_cli("pretrain", "recipes/pickcube.yaml", f"data.path={bad}", "pretrain.steps=1",
+                   f"out_dir={tmp_path / 'run'}", check=False)
+    _assert_user_error(proc, "short.hdf5", "42", "40")
