@@ -7,6 +7,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+
+torch.set_num_threads(1)  # the tests' networks are tiny; extra threads only contend with env workers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

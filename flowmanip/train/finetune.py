@@ -224,13 +224,16 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
         history = []
         recent, info = [], {}
         next_log = (counters["env_steps"] // cfg.log_every + 1) * cfg.log_every
-        next_eval = (counters["env_steps"] // cfg.eval_every + 1) * cfg.eval_every if resume else 0
+        if cfg.eval_every <= 0 or cfg.eval_episodes <= 0:
+            next_eval = float("inf")
+        else:
+            next_eval = (counters["env_steps"] // cfg.eval_every + 1) * cfg.eval_every if resume else 0
         next_save = (counters["env_steps"] // cfg.save_every + 1) * cfg.save_every
         bar = tqdm(total=cfg.total_env_steps, initial=counters["env_steps"], desc="finetune", unit="step",
                    dynamic_ncols=True, disable=not is_main)
         steps_at_start, updates_at_start = counters["env_steps"], counters["updates"]
         while True:
-            if is_main and cfg.eval_every > 0 and counters["env_steps"] >= next_eval and cfg.eval_episodes > 0:
+            if is_main and counters["env_steps"] >= next_eval:
                 result = evaluate()
                 history.append({"env_steps": counters["env_steps"], **result})
                 logger.log(counters["env_steps"], {f"eval/{k}": v for k, v in result.items()})
@@ -312,13 +315,23 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                     save()
                 next_save += cfg.save_every
         bar.close()
+        # parameters must be identical on every rank (gradients were averaged before each step)
+        flat = torch.cat([p.detach().reshape(-1) for p in agent.parameters()]).to(device)
+        gathered = accelerator.gather(flat[None]).reshape(world, -1)
+        rank_diff = float((gathered - gathered[0:1]).abs().max())
+        summary = {"env_steps": counters["env_steps"], "updates": counters["updates"], "world_size": world,
+                   "param_max_abs_diff_across_ranks": rank_diff, "time_s": time.time() - t0,
+                   "final_eval": history[-1] if history else None, "evals": history}
         if is_main:
             save()
+            import json
+
+            with open(os.path.join(stage_dir, "summary.json"), "w") as f:
+                json.dump(summary, f, indent=2)
             plot_curves(logger.path, os.path.join(stage_dir, "learning_curve.png"),
                         ["eval/success_once", "q_mean", "alpha", "critic_loss"], title=f"{recipe.name} finetune")
         accelerator.wait_for_everyone()
-        return {"stage_dir": stage_dir, "history": history, "time_s": time.time() - t0,
-                "env_steps": counters["env_steps"], "updates": counters["updates"]}
+        return {"stage_dir": stage_dir, **summary}
     finally:
         env.close()
         if eval_env is not None:

@@ -1,0 +1,167 @@
+"""End-to-end runs of every recipe with tiny budgets on real ManiSkill (CPU backend), plus kill/resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+
+TINY_PRETRAIN = ["pretrain.steps=300", "pretrain.log_every=50", "pretrain.eval_every=300", "pretrain.eval_episodes=2",
+                 "pretrain.save_every=300", "policy.hidden_dim=64", "policy.encoder_dim=64", "env.num_eval_envs=2"]
+TINY_FINETUNE = ["finetune.total_env_steps=480", "finetune.learning_starts=160", "finetune.batch_size=32",
+                 "finetune.log_every=160", "finetune.eval_every=480", "finetune.eval_episodes=2",
+                 "finetune.save_every=480", "finetune.utd=2", "env.num_envs=2"]
+
+
+def metrics(stage_dir):
+    with open(os.path.join(stage_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_pickcube_pretrain_eval_finetune(demo_dir, tmp_path):
+    out = tmp_path / "run"
+    data = f"data.path={demo_dir / 'pick_ee.h5'}"
+    run_cli("pretrain", "recipes/pickcube.yaml", data, f"out_dir={out}", *TINY_PRETRAIN)
+    stage = out / "pretrain"
+    for name in ("config.yaml", "metrics.jsonl", "learning_curve.png", "checkpoints/last/policy.pt",
+                 "checkpoints/last/training_state.pt"):
+        assert (stage / name).exists(), name
+    assert list((stage / "tensorboard").iterdir())
+    rows = [r for r in metrics(stage) if "loss" in r]
+    assert rows[-1]["loss"] < 0.5 * rows[0]["loss"]  # flow matching learns
+    meta = json.loads((stage / "checkpoints/last/meta.json").read_text())
+    assert meta["env_id"] == "PickCube-v1" and meta["control_mode"] == "pd_ee_delta_pos"
+    assert meta["obs_dim"] == 42 and meta["action_dim"] == 4 and meta["step"] == 300
+    result = json.loads(run_cli("eval", stage, "--episodes", 2, "--json").stdout.strip().splitlines()[-1])
+    assert set(result) >= {"success_once", "success_at_end", "return_mean", "episodes"}
+    assert result["episodes"] == 2 and 0 <= result["success_once"] <= 1
+
+    # fine-tune from that checkpoint (the recipe's default init) and check the critic learns
+    run_cli("finetune", "recipes/pickcube.yaml", data, f"out_dir={out}", *TINY_PRETRAIN, *TINY_FINETUNE)
+    stage = out / "finetune"
+    rows = metrics(stage)
+    evals = [r for r in rows if "eval/success_once" in r]
+    assert [r["step"] for r in evals] == [0, 480]
+    logged = [r for r in rows if "critic_loss" in r]
+    assert logged and all(k in logged[-1] for k in ("q_mean", "alpha", "entropy_estimate", "sigma", "grad_A0",
+                                                    "grad_A3", "env_steps_per_s", "updates_per_s"))
+    summary = json.loads((stage / "summary.json").read_text())
+    assert summary["env_steps"] >= 480 and summary["updates"] > 0
+    assert json.loads((stage / "checkpoints/last/meta.json").read_text())["init"].endswith("pretrain/checkpoints/300")
+
+
+def test_finetune_improves_q_fit(demo_dir, tmp_path):
+    """In-process: a short offline-to-online run; the critic's TD error falls as it fits the returns."""
+    from flowmanip.train.finetune import run_finetune
+
+    summary = run_finetune("recipes/pickcube.yaml", [
+        f"data.path={demo_dir / 'pick_ee.h5'}", f"out_dir={tmp_path}", "finetune.init=none",
+        "finetune.total_env_steps=640", "finetune.learning_starts=160", "finetune.batch_size=64",
+        "finetune.log_every=160", "finetune.eval_every=640", "finetune.eval_episodes=2", "finetune.utd=8",
+        "policy.hidden_dim=64", "policy.encoder_dim=64", "finetune.q_hidden_dim=64", "logging.tensorboard=false"])
+    rows = [r for r in metrics(tmp_path / "finetune") if "critic_loss" in r]
+    assert len(rows) >= 3
+    assert rows[-1]["critic_loss"] < 0.5 * rows[0]["critic_loss"], [r["critic_loss"] for r in rows]
+    assert summary["final_eval"]["episodes"] == 2
+
+
+def test_rgb_recipe_pretrain_and_finetune(rgb_demo, tmp_path):
+    common = [f"data.path={rgb_demo}", f"out_dir={tmp_path}", "env.camera_size=32", "policy.cnn_channels=8",
+              "env.num_eval_envs=1", "pretrain.batch_size=16"]
+    run_cli("pretrain", "recipes/pickcube_rgb.yaml", *common, *TINY_PRETRAIN[:1], "pretrain.steps=40",
+            "pretrain.eval_every=40", "pretrain.eval_episodes=1", "pretrain.log_every=10", "pretrain.save_every=40",
+            "policy.hidden_dim=32", "policy.encoder_dim=32")
+    meta = json.loads((tmp_path / "pretrain/checkpoints/last/meta.json").read_text())
+    assert meta["rgb_shape"] == [32, 32, 3] and meta["obs_dim"] == 29
+    run_cli("finetune", "recipes/pickcube_rgb.yaml", *common, "policy.hidden_dim=32", "policy.encoder_dim=32",
+            "finetune.total_env_steps=64", "finetune.learning_starts=32", "finetune.batch_size=16",
+            "finetune.log_every=32", "finetune.eval_every=64", "finetune.eval_episodes=1", "finetune.save_every=64",
+            "env.num_envs=1")
+    rows = metrics(tmp_path / "finetune")
+    assert any("critic_loss" in r for r in rows) and any("eval/success_once" in r for r in rows)
+
+
+def test_pushcube_scratch_recipe(tmp_path):
+    run_cli("finetune", "recipes/pushcube_scratch.yaml", f"out_dir={tmp_path}", "finetune.total_env_steps=256",
+            "finetune.random_warmup=64", "finetune.learning_starts=64", "finetune.batch_size=32",
+            "finetune.log_every=64", "finetune.eval_every=256", "finetune.eval_episodes=2",
+            "finetune.save_every=256", "policy.hidden_dim=64", "policy.encoder_dim=64")
+    ckpt = torch.load(tmp_path / "finetune/checkpoints/last/policy.pt", weights_only=False)
+    assert ckpt["meta"]["env_id"] == "PushCube-v1" and ckpt["meta"]["init"] is None
+    # obs statistics came from the random warm-up, not the identity placeholder
+    assert ckpt["spec"]["obs_std"] != [1.0] * ckpt["spec"]["obs_dim"]
+
+
+def _kill_when(proc, path, timeout=300):
+    start = time.time()
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {path} appeared:\n{proc.stderr.read()[-2000:]}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _popen(*args):
+    return subprocess.Popen([sys.executable, "-m", "flowmanip", *map(str, args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _assert_continuous(steps, every, last):
+    assert steps == list(range(every, last + 1, every)), steps
+
+
+def test_pretrain_resume_after_kill(demo_dir, tmp_path):
+    args = ["pretrain", "recipes/pickcube.yaml", f"data.path={demo_dir / 'pick_ee.h5'}", f"out_dir={tmp_path}",
+            "pretrain.steps=1500", "pretrain.save_every=100", "pretrain.log_every=50", "pretrain.eval_every=0",
+            "policy.hidden_dim=64", "policy.encoder_dim=64", "env.num_eval_envs=1"]
+    _kill_when(_popen(*args), tmp_path / "pretrain/checkpoints/200/policy.pt")
+    last = int(os.readlink(tmp_path / "pretrain/checkpoints/last"))
+    assert 200 <= last < 1500
+    run_cli(*args, "--resume")
+    steps = [r["step"] for r in metrics(tmp_path / "pretrain") if "loss" in r]
+    _assert_continuous(steps, 50, 1500)  # nothing lost, nothing repeated
+
+
+def test_finetune_resume_after_kill(demo_dir, tmp_path):
+    args = ["finetune", "recipes/pickcube.yaml", f"data.path={demo_dir / 'pick_ee.h5'}", f"out_dir={tmp_path}",
+            "finetune.init=none", "finetune.total_env_steps=4000", "finetune.learning_starts=160",
+            "finetune.batch_size=32", "finetune.log_every=160", "finetune.eval_every=0", "finetune.save_every=320",
+            "finetune.save_buffer=true", "policy.hidden_dim=64", "policy.encoder_dim=64", "finetune.q_hidden_dim=64"]
+    _kill_when(_popen(*args), tmp_path / "finetune/checkpoints/last")
+    first = torch.load(tmp_path / "finetune/checkpoints/last/training_state.pt", weights_only=False)
+    assert first["counters"]["env_steps"] >= 320 and len(first["buffer"]["action"]) > 0
+    run_cli(*args, "--resume")
+    rows = [r for r in metrics(tmp_path / "finetune") if "critic_loss" in r or "alpha" in r]
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)) and steps[-1] >= 4000  # continues, no repeats
+    final = torch.load(tmp_path / "finetune/checkpoints/last/training_state.pt", weights_only=False)
+    assert final["counters"]["updates"] > first["counters"]["updates"]
+
+
+def test_accelerate_two_processes_keep_identical_parameters(demo_dir, tmp_path):
+    """Real multi-process training on the CPU: `accelerate launch --multi_gpu` falls back to gloo (MULTI_CPU) when
+    there is no GPU, so this is the multi-GPU code path minus the devices, which CI cannot have."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "flowmanip", "finetune", "recipes/pickcube.yaml",
+           f"data.path={demo_dir / 'pick_ee.h5'}", f"out_dir={tmp_path}", "finetune.init=none",
+           "finetune.total_env_steps=640", "finetune.learning_starts=160", "finetune.batch_size=32",
+           "finetune.log_every=320", "finetune.eval_every=640", "finetune.eval_episodes=1", "env.num_envs=1",
+           "env.num_eval_envs=1", "policy.hidden_dim=64", "policy.encoder_dim=64", "finetune.q_hidden_dim=64"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "finetune/summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["updates"] > 0
+    assert summary["param_max_abs_diff_across_ranks"] == 0.0
