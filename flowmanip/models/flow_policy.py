@@ -19,7 +19,6 @@ from torch import nn
 
 from flowmanip.models.velocity import make_velocity
 
-LOG_2PI = math.log(2.0 * math.pi)
 ATANH_EPS = 1e-3  # flow-matching targets are atanh(clip(a, -1 + eps, 1 - eps))
 
 
@@ -27,7 +26,7 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
     """Sum over the last dim of log N(x; mean, exp(log_std)^2), in float32."""
     x, mean, log_std = x.float(), mean.float(), log_std.float()
     z = (x - mean) * torch.exp(-log_std)
-    return (-0.5 * z.pow(2) - log_std - 0.5 * LOG_2PI).sum(-1)
+    return (-0.5 * z.pow(2) - log_std - 0.9189385332046727).sum(-1)  # 0.5 * log(2 pi), literal for TorchScript
 
 
 def tanh_log_det(pre_tanh: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,130 @@
+"""TorchScript (and ONNX) export of a policy checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Dict
+
+import torch
+from torch import nn
+
+from flowmanip import __version__
+from flowmanip.errors import FlowmanipError
+from flowmanip.utils import atomic_output
+
+
+class _Rollout(nn.Module):
+    """Encoder features -> env actions: the K-step rollout (noise-free or noise-augmented), tanh, scaling."""
+
+    def __init__(self, policy, stochastic: bool):
+        super().__init__()
+        self.actor = policy.actor
+        self.scaler = policy.scaler
+        self.stochastic = stochastic
+        self.chunk, self.action_dim = policy.chunk, policy.action_dim
+        self.squeeze_chunk = policy.chunk == 1
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        if self.stochastic:
+            a = self.actor.sample(z, False, None)[0]
+        else:
+            a = torch.tanh(self.actor.deterministic(z, None))
+        a = self.scaler.to_env(a.reshape(z.shape[0], self.chunk, self.action_dim))
+        return a[:, 0] if self.squeeze_chunk else a
+
+
+class StatePolicy(nn.Module):
+    def __init__(self, policy, stochastic: bool = False):
+        super().__init__()
+        self.encoder = policy.encoder
+        self.rollout = _Rollout(policy, stochastic)
+        self.obs_dim = int(policy.spec["obs_dim"])
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        if obs.dtype != torch.float32:
+            raise ValueError("obs must be float32 with shape [B, " + str(self.obs_dim) + "]; convert it with .float()")
+        if obs.dim() != 2 or obs.size(1) != self.obs_dim:
+            raise ValueError("obs must have shape [B, " + str(self.obs_dim) + "], got " + str(list(obs.shape)))
+        return self.rollout(self.encoder({"state": obs}))
+
+
+class DictPolicy(nn.Module):
+    def __init__(self, policy, stochastic: bool = False):
+        super().__init__()
+        self.encoder = policy.encoder
+        self.rollout = _Rollout(policy, stochastic)
+        self.obs_dim = int(policy.spec["obs_dim"])
+        self.rgb_shape = [int(x) for x in policy.spec["rgb_shape"]]
+
+    def forward(self, obs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        if "rgb" not in obs or "state" not in obs:
+            raise ValueError("obs must be a dict with keys 'rgb' and 'state'")
+        rgb, state = obs["rgb"], obs["state"]
+        if rgb.dtype != torch.uint8 or rgb.dim() != 4 or list(rgb.shape[1:]) != self.rgb_shape:
+            raise ValueError("obs['rgb'] must be uint8 with shape [B, " + ", ".join([str(x) for x in self.rgb_shape])
+                             + "] (HWC), got shape " + str(list(rgb.shape)))
+        if state.dtype != torch.float32 or state.dim() != 2 or state.size(1) != self.obs_dim:
+            raise ValueError("obs['state'] must be float32 with shape [B, " + str(self.obs_dim) + "], got shape "
+                             + str(list(state.shape)))
+        return self.rollout(self.encoder(obs))
+
+
+def export_metadata(ckpt: dict, stochastic: bool, seed: int, fmt: str) -> dict:
+    spec, meta, recipe = ckpt["spec"], ckpt["meta"], ckpt["recipe"]
+    rgb = spec.get("rgb_shape")
+    chunk = recipe.policy.chunk
+    return {
+        "format": fmt, "flowmanip_version": __version__, "checkpoint": ckpt["path"], "checkpoint_step": meta["step"],
+        "stage": meta["stage"], "env_id": meta["env_id"], "control_mode": meta["control_mode"],
+        "obs_mode": meta["obs_mode"],
+        "obs_dim": spec["obs_dim"],
+        "obs": ({"rgb": {"shape": ["B", *rgb], "dtype": "uint8", "layout": "HWC"},
+                 "state": {"shape": ["B", spec["obs_dim"]], "dtype": "float32"}} if rgb else
+                {"shape": ["B", spec["obs_dim"]], "dtype": "float32"}),
+        "action_dim": spec["action_dim"],
+        "output_shape": ["B", spec["action_dim"]] if chunk == 1 else ["B", chunk, spec["action_dim"]],
+        "action_low": spec["env_low"], "action_high": spec["env_high"],
+        "K": recipe.policy.flow_steps, "H": chunk, "execute": recipe.policy.execute or chunk,
+        "velocity": meta.get("velocity"), "actor": meta.get("actor", "flow"),
+        "stochastic": stochastic, "seed": seed if stochastic else None,
+        "max_episode_steps": meta.get("max_episode_steps"),
+    }
+
+
+def export_checkpoint(checkpoint: str, output: str, fmt: str = "torchscript", stochastic: bool = False,
+                      seed: int = 0) -> str:
+    from flowmanip.train.checkpoint import load_checkpoint
+    from flowmanip.train.pretrain import policy_from_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    policy = policy_from_checkpoint(ckpt).cpu()
+    module_cls = DictPolicy if ckpt["spec"].get("rgb_shape") else StatePolicy
+    module = module_cls(policy, stochastic).eval()
+    meta = export_metadata(ckpt, stochastic, seed, fmt)
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream but still supported
+            try:
+                scripted = torch.jit.script(module)
+            except Exception as e:  # a model TorchScript cannot compile is a bug, but say so in one line
+                raise FlowmanipError(f"{checkpoint}: TorchScript could not compile the policy: {e}") from None
+            with atomic_output(output) as tmp:
+                torch.jit.save(scripted, tmp, _extra_files={"meta.json": json.dumps(meta)})
+    elif fmt == "onnx":
+        if module_cls is DictPolicy or stochastic:
+            raise FlowmanipError("--format onnx supports deterministic state policies; use torchscript")
+        example = torch.zeros(1, ckpt["spec"]["obs_dim"])
+        with atomic_output(output) as tmp:
+            torch.onnx.export(module, (example,), tmp, input_names=["obs"], output_names=["action"],
+                              dynamic_axes={"obs": {0: "batch"}, "action": {0: "batch"}}, dynamo=False)
+            import onnx
+
+            model = onnx.load(tmp)
+            entry = model.metadata_props.add()
+            entry.key, entry.value = "meta.json", json.dumps(meta)
+            onnx.save(model, tmp)
+    else:
+        raise FlowmanipError(f"--format must be torchscript or onnx, got {fmt!r}")
+    return os.path.abspath(output)
