@@ -51,12 +51,12 @@ class PolicyConfig:
     flow_steps: int = 4  # K
     chunk: int = 8  # H: actions predicted per decision
     execute: int = 0  # actions executed per decision before replanning (0 = all H)
-    hidden_dim: int = 256
+    hidden_dim: int = 512  # velocity MLPs (mlp, gated); 512 fits PickCube far better than 256 (docs/benchmarks.md)
     num_layers: int = 3
     decoder_layers: int = 2  # Flow-T
     decoder_heads: int = 4
     decoder_dim: int = 128
-    encoder: str = "mlp"  # state obs: mlp | identity
+    encoder: str = "identity"  # state obs: identity (normalised state) | mlp
     encoder_dim: int = 256
     cnn_channels: int = 32  # rgb encoder width
     sigma_mode: str = "fixed"  # noise of the SAC rollout: fixed | learned (state-conditioned head)
@@ -67,7 +67,7 @@ class PolicyConfig:
 
 @dataclass
 class PretrainConfig:
-    steps: int = 20000
+    steps: int = 10000
     batch_size: int = 256
     lr: float = 3e-4
     weight_decay: float = 1e-6
@@ -94,7 +94,7 @@ class FinetuneConfig:
     lr_critic: float = 3e-4
     lr_alpha: float = 3e-4
     init_alpha: float = 0.01
-    target_entropy: Optional[float] = None  # default: -action_dim * H / 2... see docs
+    target_entropy: Optional[float] = None  # default: -d, d = action_dim * H (the chunk's dimension)
     learn_alpha: bool = True
     num_q: int = 2
     q_aggregation: str = "min"

@@ -17,13 +17,24 @@ from flowmanip.train.checkpoint import load_checkpoint
 from flowmanip.train.pretrain import policy_from_checkpoint
 
 
-@pytest.fixture(scope="module", params=["gated", "decoded"])
-def state_ckpt(request, demo_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp(f"export_{request.param}")
+def _pretrained(velocity, demo_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"export_{velocity}")
     run_cli("pretrain", "recipes/pickcube.yaml", f"data.path={demo_dir / 'pick_ee.h5'}", f"out_dir={out}",
-            f"policy.velocity={request.param}", "pretrain.steps=200", "pretrain.eval_every=0", "pretrain.save_every=200",
+            f"policy.velocity={velocity}", "pretrain.steps=200", "pretrain.eval_every=0", "pretrain.save_every=200",
             "policy.hidden_dim=64", "policy.encoder_dim=64", "policy.decoder_dim=32", "env.num_eval_envs=1")
     return out / "pretrain"
+
+
+@pytest.fixture(scope="module")
+def state_ckpt(demo_dir, tmp_path_factory):
+    """A tiny Flow-G state policy."""
+    return _pretrained("gated", demo_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def decoded_ckpt(demo_dir, tmp_path_factory):
+    """A tiny Flow-T state policy (Transformer-decoder layers must script too)."""
+    return _pretrained("decoded", demo_dir, tmp_path_factory)
 
 
 TORCH_ONLY = r"""
@@ -39,7 +50,9 @@ print(meta.decode() if isinstance(meta, bytes) else meta)  # torch returns bytes
 """
 
 
-def test_torchscript_parity_in_a_torch_only_process(state_ckpt, tmp_path):
+@pytest.mark.parametrize("which", ["state_ckpt", "decoded_ckpt"])
+def test_torchscript_parity_in_a_torch_only_process(which, request, tmp_path):
+    state_ckpt = request.getfixturevalue(which)
     path = tmp_path / "policy.pt"
     run_cli("export", state_ckpt, "--format", "torchscript", "-o", path)
     policy = policy_from_checkpoint(load_checkpoint(str(state_ckpt)))

@@ -1,0 +1,105 @@
+"""Online learning curves: success_once vs env steps for each actor variant, same loop, same data.
+
+    # offline-to-online PickCube (each variant starts from a pretrain of the same velocity field)
+    python benchmarks/finetune_curves.py --recipe recipes/pickcube.yaml --variants gated decoded mlp gaussian \
+        --steps 50000 [--seeds 0 1 2] [key=value ...]
+    # from scratch PushCube
+    python benchmarks/finetune_curves.py --recipe recipes/pushcube_scratch.yaml --variants gated decoded gaussian \
+        --steps 150000 --name scratch_pushcube
+
+Variants: ``mlp``/``gated``/``decoded`` are SAC Flow with that velocity field; ``gaussian``
+is a tanh-Gaussian SAC actor trained by the same loop on the same data (offline-to-online
+runs pretrain it with Gaussian behaviour cloning first). Writes results/<name>.json and
+results/<name>.png (mean and min-max over seeds). The pretrained policy's success is the
+BC-only reference (the curve's value at step 0). Seed 0 of an offline-to-online variant reuses
+results/runs/pretrain_<variant> from benchmarks/pretrain_pickcube.py when it exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import table, write  # noqa: E402
+
+
+def run_variant(recipe, variant, seed, steps, out, overrides, scratch, results):
+    from flowmanip.train.finetune import run_finetune
+    from flowmanip.train.pretrain import run_pretrain
+
+    actor = "gaussian" if variant == "gaussian" else "flow"
+    velocity = "gated" if variant == "gaussian" else variant
+    common = [f"policy.velocity={velocity}", f"finetune.actor={actor}", f"out_dir={out}", f"seed={seed}", *overrides]
+    reuse = os.path.join(results, "runs", f"pretrain_{variant}", "pretrain", "checkpoints", "last")
+    if not scratch and seed == 0 and os.path.exists(reuse):  # made by benchmarks/pretrain_pickcube.py
+        common.append(f"finetune.init={reuse}")
+    elif not scratch:
+        if actor == "gaussian":
+            raise SystemExit("gaussian offline-to-online needs a Gaussian BC pretrain; run with finetune.init=none "
+                             "or skip the variant")
+        run_pretrain(recipe, common + ["pretrain.eval_every=0"], overwrite=True)
+    return run_finetune(recipe, common + [f"finetune.total_env_steps={steps}"], overwrite=True)
+
+
+def plot(curves: dict, path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for variant, runs in curves.items():
+        xs = [e["env_steps"] for e in runs[0]]
+        ys = np.array([[e["success_once"] for e in run[: len(xs)]] for run in runs])
+        ax.plot(xs, ys.mean(0), marker="o", label=variant)
+        if len(runs) > 1:
+            ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.2)
+    ax.set_xlabel("online env steps")
+    ax.set_ylabel("success_once")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", default="recipes/pickcube.yaml")
+    parser.add_argument("--variants", nargs="+", default=["gated", "decoded"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--steps", type=int, default=50000)
+    parser.add_argument("--name", default="finetune_pickcube")
+    parser.add_argument("--results", default="results")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+    from flowmanip.config import load_recipe
+
+    scratch = load_recipe(args.recipe).finetune.init in ("none", "scratch")
+    curves, rows = {}, []
+    for variant in args.variants:
+        for seed in args.seeds:
+            out = os.path.join(args.results, "runs", args.name, f"{variant}_seed{seed}")
+            summary = run_variant(args.recipe, variant, seed, args.steps, out, args.overrides, scratch, args.results)
+            curves.setdefault(variant, []).append(summary["evals"])
+            first90 = next((e["env_steps"] for e in summary["evals"] if e["success_once"] >= 0.9), None)
+            rows.append({"variant": variant, "seed": seed, "start": summary["evals"][0]["success_once"],
+                         "final": summary["evals"][-1]["success_once"], "steps_to_0.90": first90,
+                         "env_steps": summary["env_steps"], "updates": summary["updates"],
+                         "wall_s": round(summary["time_s"], 1)})
+            print(table(rows, list(rows[0])), flush=True)
+    png = os.path.join(args.results, f"{args.name}.png")
+    os.makedirs(args.results, exist_ok=True)
+    plot(curves, png, f"{args.name} ({args.recipe})")
+    path = write(args.results, args.name, {"recipe": args.recipe, "overrides": args.overrides, "steps": args.steps,
+                                           "rows": rows, "curves": curves, "plot": png})
+    print(f"wrote {path} and {png}")
+
+
+if __name__ == "__main__":
+    main()

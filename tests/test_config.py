@@ -1,0 +1,77 @@
+"""Recipe schema, overrides, and the errors users see before any environment starts."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+
+from conftest import REPO, run_cli
+from flowmanip.config import load_recipe
+from flowmanip.errors import FlowmanipError
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "recipes", "*.yaml"))))
+def test_every_recipe_loads(path):
+    recipe = load_recipe(path)
+    assert recipe.env.id.endswith("-v1") and recipe.out_dir
+
+
+def test_overrides_are_typed():
+    r = load_recipe(os.path.join(REPO, "recipes/pickcube.yaml"), ["pretrain.steps=123", "policy.velocity=decoded",
+                                                                  "finetune.demo_fraction=null"])
+    assert r.pretrain.steps == 123 and r.policy.velocity == "decoded" and r.finetune.demo_fraction is None
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("pretrain.stepz=5", "unknown config key 'pretrain.stepz'"),
+    ("policy.velocity=lstm", "policy.velocity='lstm' is not one of ['mlp', 'gated', 'decoded']"),
+    ("pretrain.steps=many", "pretrain.steps"),
+    ("env.num_envs=0", "env.num_envs must be >= 1"),
+    ("finetune.utd=0", "finetune.utd must be > 0"),
+    ("nonsense", "expected key=value"),
+])
+def test_bad_overrides_name_the_key(override, needle):
+    with pytest.raises(FlowmanipError, match=None) as err:
+        load_recipe(os.path.join(REPO, "recipes/pickcube.yaml"), [override])
+    assert needle in str(err.value)
+
+
+def test_bad_recipe_files(tmp_path):
+    with pytest.raises(FlowmanipError, match="recipe file not found"):
+        load_recipe(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("env:\n  idd: PickCube-v1\n")
+    with pytest.raises(FlowmanipError, match="unknown config key 'env.idd'"):
+        load_recipe(str(bad))
+
+
+def _checkpoint_for(tmp_path, overrides, obs_dim=42):
+    """A real (untrained) checkpoint saved for a recipe with the given overrides."""
+    from flowmanip.models.policy import Policy
+    from flowmanip.train.checkpoint import save_checkpoint
+
+    recipe = load_recipe(os.path.join(REPO, "recipes/pickcube.yaml"), overrides)
+    spec = {"obs_dim": obs_dim, "obs_mean": [0.0] * obs_dim, "obs_std": [1.0] * obs_dim, "action_dim": 4,
+            "action_low": [-1.0] * 4, "action_high": [1.0] * 4, "env_low": [-1.0] * 4, "env_high": [1.0] * 4,
+            "rgb_shape": None}
+    policy = Policy(spec, recipe.policy)
+    return save_checkpoint(str(tmp_path), 1, recipe, spec, {"policy": policy.state_dict()}, None, "pretrain")
+
+
+def test_finetune_rejects_bad_init_before_any_env_starts(tmp_path):
+    cases = [
+        ([f"finetune.init={tmp_path / 'nope'}"], "does not exist"),
+        ([f"finetune.init={_checkpoint_for(tmp_path / 'a', ['env.id=PushCube-v1'])}"], "env_id='PushCube-v1'"),
+        ([f"finetune.init={_checkpoint_for(tmp_path / 'b', ['policy.chunk=4'])}"], "chunk=4"),
+        ([f"finetune.init={_checkpoint_for(tmp_path / 'c', [], obs_dim=40)}"], "obs_dim 40"),
+        (["env.num_envs=0"], "env.num_envs must be >= 1"),
+        (["finetune.utd=-1"], "finetune.utd must be > 0"),
+    ]
+    for overrides, needle in cases:
+        proc = run_cli("finetune", "recipes/pickcube.yaml", f"out_dir={tmp_path / 'run'}", *overrides, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert "Traceback" not in proc.stderr and needle in proc.stderr, proc.stderr
+        assert "sapien" not in proc.stderr.lower()  # failed before ManiSkill made an env
+        assert not (tmp_path / "run").exists()
