@@ -105,6 +105,7 @@ class FinetuneConfig:
     demo_fraction: Optional[float] = 0.5  # RLPD-style share of demos per batch; None = uniform over the union
     bc_type: str = "flow_matching"
     bc_weight: float = 1.0
+    normalize_q: bool = True  # divide the SAC actor loss by mean |Q| so bc_weight is scale-free (as in TD3+BC, FQL)
     bc_decay_steps: int = 0  # linear decay of the BC weight to 0 over this many updates (0 = constant)
     log_every: int = 1000  # env steps
     eval_every: int = 10000  # env steps

@@ -6,7 +6,8 @@ Qbar_j their Polyak-averaged targets; alpha = exp(log_alpha).
 
     critic:  y = R + gamma^n (1 - done) (agg_j Qbar_j(s', a') - alpha log pi(a'|s')),  a' ~ pi(.|s')
              L_Q = mean_j (Q_j(s, a) - y)^2
-    actor:   L_pi = E[alpha log pi(a|s) - agg_j Q_j(s, a)] + beta * BC,  a reparameterised through all K steps
+    actor:   L_pi = E[alpha log pi(a|s) - agg_j Q_j(s, a)] / c + beta * BC,  a reparameterised through all K steps
+             c = mean |Q| (detached) when normalize_q, else 1: keeps beta meaningful whatever the reward scale
     alpha:   L_alpha = -log_alpha * (log pi(a|s) + target_entropy)
 
 R is the discounted reward over the n <= H steps the chunk ran and gamma^n the matching
@@ -68,6 +69,8 @@ class SACFlow(nn.Module):
         action, log_prob, states = self.actor.sample(z, keep_states=keep_states)
         q = aggregate(self.critic(z, action), self.cfg.q_aggregation)
         loss = (self.alpha * log_prob - q).mean()
+        if self.cfg.normalize_q:
+            loss = loss / q.abs().mean().detach().clamp(min=1e-3)
         info = {"actor_q": q.mean().detach(), "log_prob": log_prob.mean().detach(),
                 "entropy_estimate": -log_prob.mean().detach()}
         if demo_batch is not None and bc_weight > 0 and self.cfg.bc_type != "none":
