@@ -40,7 +40,9 @@ def main():
         rows.append({"velocity": velocity, "train_time_s": round(train_s, 1), **result})
         print(table(rows, ["velocity", "train_time_s", "success_once", "success_at_end", "return_mean", "episodes"]),
               flush=True)
-    path = write(args.results, "pretrain_pickcube", {"recipe": args.recipe, "overrides": args.overrides, "rows": rows})
+        # written after every variant, so a long sweep that is stopped keeps what it measured
+        path = write(args.results, "pretrain_pickcube", {"recipe": args.recipe, "overrides": args.overrides,
+                                                         "rows": rows})
     print(f"wrote {path}")
 
 

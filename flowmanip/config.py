@@ -88,6 +88,7 @@ class FinetuneConfig:
     batch_size: int = 256
     utd: float = 1.0  # critic updates per decision step (per env step / H, all envs)
     actor_delay: int = 1  # critic updates per actor update
+    actor_starts: int = 0  # critic-only updates before the actor starts moving (lets Q fit the pretrained policy)
     gamma: float = 0.99
     tau: float = 0.005
     lr_actor: float = 3e-4

@@ -276,7 +276,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                     info["critic_grad_norm"] = optimizer_step(accelerator, critic_opt, critic_loss,
                                                               agent.critic_parameters(), cfg.grad_clip)
                     counters["updates"] += 1
-                    if counters["updates"] % cfg.actor_delay == 0:
+                    if counters["updates"] % cfg.actor_delay == 0 and counters["updates"] > cfg.actor_starts:
                         bc_weight = cfg.bc_weight
                         if cfg.bc_decay_steps > 0:
                             bc_weight *= max(0.0, 1.0 - counters["updates"] / cfg.bc_decay_steps)
