@@ -36,6 +36,12 @@ def check_init_matches(meta: dict, recipe, source: str, obs_dim: int | None) -> 
         raise FlowmanipError(f"{source}: init checkpoint expects obs_dim {meta['obs_dim']}, the data has {obs_dim}")
 
 
+def batch_to(batch: dict, device) -> dict:
+    """Move a batch (tensors and obs dicts of tensors) to ``device``."""
+    return {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
+            for k, v in batch.items()}
+
+
 def sync_gradients(accelerator, params) -> None:
     """Average gradients over processes (the all-reduce DDP would do), in one flat tensor."""
     if accelerator.num_processes == 1:
@@ -179,8 +185,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             b = demos.get(idx)
             b["action"] = demo_actions[idx]
             b.pop("action_mask")
-            return {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
-                    for k, v in b.items()}
+            return batch_to(b, device)
 
         def sample_batch():
             n = cfg.batch_size
@@ -191,8 +196,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             else:
                 n_demo = int(round(n * cfg.demo_fraction))
             online = buffer.sample(n - n_demo)
-            online = {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
-                      for k, v in online.items()}
+            online = batch_to(online, device)
             return online if n_demo == 0 else concat_batches(online, sample_demos(n_demo))
 
         execute = recipe.policy.execute or recipe.policy.chunk
