@@ -89,7 +89,8 @@ def main():
             curves.setdefault(variant, []).append(summary["evals"])
             first90 = next((e["env_steps"] for e in summary["evals"] if e["success_once"] >= 0.9), None)
             rows.append({"variant": variant, "seed": seed, "start": summary["evals"][0]["success_once"],
-                         "final": summary["evals"][-1]["success_once"], "steps_to_0.90": first90,
+                         "final": summary["evals"][-1]["success_once"],
+                         "min": min(e["success_once"] for e in summary["evals"]), "steps_to_0.90": first90,
                          "env_steps": summary["env_steps"], "updates": summary["updates"],
                          "wall_s": round(summary["time_s"], 1)})
             print(table(rows, list(rows[0])), flush=True)

@@ -9,6 +9,7 @@ field on a 2-core CPU (training plus a 100-episode evaluation).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -29,7 +30,14 @@ def main():
     from flowmanip.train.evaluate import evaluate_checkpoint
     from flowmanip.train.pretrain import run_pretrain
 
+    # rows of earlier runs (other velocity fields, same recipe and overrides) are kept, so the sweep can be split
+    previous = os.path.join(args.results, "pretrain_pickcube.json")
     rows = []
+    if os.path.exists(previous):
+        with open(previous) as f:
+            old = json.load(f)
+        if old.get("recipe") == args.recipe and old.get("overrides") == args.overrides:
+            rows = [r for r in old["rows"] if r["velocity"] not in args.velocities]
     for velocity in args.velocities:
         out = os.path.join(args.results, "runs", f"pretrain_{velocity}")
         start = time.time()

@@ -61,6 +61,9 @@ class PolicyConfig:
     cnn_channels: int = 32  # rgb encoder width
     sigma_mode: str = "fixed"  # noise of the SAC rollout: fixed | learned (state-conditioned head)
     sigma: float = 0.1
+    # std of A_0 in the noise-augmented (SAC) rollout: 1 samples N(0, I) as the paper does; 0 starts
+    # at A_0 = 0 like the deterministic rollout used for eval, so SAC trains the policy it is scored on
+    init_std: float = 1.0
     log_sigma_min: float = -5.0
     log_sigma_max: float = 0.0
 
@@ -88,8 +91,13 @@ class FinetuneConfig:
     batch_size: int = 256
     utd: float = 1.0  # critic updates per decision step (per env step / H, all envs)
     actor_delay: int = 1  # critic updates per actor update
-    actor_starts: int = 0  # critic-only updates before the actor starts moving (lets Q fit the pretrained policy)
+    critic_warmup: int = 0  # critic-only updates run at once when learning starts, so Q fits the initial policy
+    # before the actor follows it (offline-to-online: demos + the first online data)
     gamma: float = 0.99
+    # Training episodes run to the time limit, as eval episodes do, and success is not an
+    # absorbing state: every target bootstraps (demo transitions too). With dense rewards
+    # in [0, 1] a terminal success would be worth less than hovering next to the goal.
+    ignore_terminations: bool = True
     tau: float = 0.005
     lr_actor: float = 3e-4
     lr_critic: float = 3e-4
@@ -107,6 +115,9 @@ class FinetuneConfig:
     bc_type: str = "flow_matching"
     bc_weight: float = 1.0
     normalize_q: bool = True  # divide the SAC actor loss by mean |Q| so bc_weight is scale-free (as in TD3+BC, FQL)
+    # weight of ||mu(s) - mu_0(s)||^2 on the batch's states: keeps the deterministic policy near the
+    # initial (pretrained) one where demos do not constrain it (0 = off)
+    anchor_weight: float = 0.0
     bc_decay_steps: int = 0  # linear decay of the BC weight to 0 over this many updates (0 = constant)
     log_every: int = 1000  # env steps
     eval_every: int = 10000  # env steps
@@ -199,6 +210,11 @@ def validate(r: Recipe, source: str) -> None:
     for key, value in positive.items():
         if value < 1:
             raise FlowmanipError(f"{source}: {key} must be >= 1, got {value}")
+    for key in ("critic_warmup", "learning_starts", "random_warmup"):
+        if getattr(r.finetune, key) < 0:
+            raise FlowmanipError(f"{source}: finetune.{key} must be >= 0, got {getattr(r.finetune, key)}")
+    if r.policy.init_std < 0 or r.policy.sigma <= 0:
+        raise FlowmanipError(f"{source}: policy.init_std must be >= 0 and policy.sigma > 0")
     if r.finetune.utd <= 0:
         raise FlowmanipError(f"{source}: finetune.utd must be > 0, got {r.finetune.utd}")
     if not 0 <= r.policy.execute <= r.policy.chunk:

@@ -21,18 +21,21 @@ def actor(velocity="mlp", K=4, H=1, A=2, z_dim=6, sigma=0.3, **kw):
     return FlowActor(z_dim, A, cfg)
 
 
-def test_k1_log_prob_matches_an_independent_formula():
+@pytest.mark.parametrize("init_std", [1.0, 0.5, 0.0])
+def test_k1_log_prob_matches_an_independent_formula(init_std):
     torch.manual_seed(0)
-    act = actor(K=1, A=3, sigma=0.4)
+    act = actor(K=1, A=3, sigma=0.4, init_std=init_std)
     z = torch.randn(5, 6)
     gen = torch.Generator().manual_seed(1)
     action, log_prob, _ = act.sample(z, generator=gen)
     gen = torch.Generator().manual_seed(1)  # replay the same noise by hand
-    a0 = torch.randn(5, 3, generator=gen)
+    a0 = torch.randn(5, 3, generator=gen) * init_std
     eps = torch.randn(5, 3, generator=gen)
     mean = a0 + act.velocity(a0, torch.zeros(5), z)
     a1 = mean + 0.4 * eps
-    expected = (Normal(0.0, 1.0).log_prob(a0).sum(-1) + Normal(mean, 0.4).log_prob(a1).sum(-1)
+    # with init_std = 0, A_0 = 0 is not random: only the noisy step contributes
+    start = Normal(0.0, init_std).log_prob(a0).sum(-1) if init_std > 0 else 0.0
+    expected = (start + Normal(mean, 0.4).log_prob(a1).sum(-1)
                 - torch.log(1 - torch.tanh(a1) ** 2 + 1e-6).sum(-1))
     torch.testing.assert_close(action, torch.tanh(a1))
     torch.testing.assert_close(log_prob, expected, rtol=1e-5, atol=1e-5)

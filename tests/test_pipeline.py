@@ -18,7 +18,7 @@ TINY_PRETRAIN = ["pretrain.steps=300", "pretrain.log_every=50", "pretrain.eval_e
                  "pretrain.save_every=300", "policy.hidden_dim=64", "policy.encoder_dim=64", "env.num_eval_envs=2"]
 TINY_FINETUNE = ["finetune.total_env_steps=480", "finetune.learning_starts=160", "finetune.batch_size=32",
                  "finetune.log_every=160", "finetune.eval_every=480", "finetune.eval_episodes=2",
-                 "finetune.save_every=480", "finetune.utd=2", "env.num_envs=2", "finetune.actor_starts=0"]
+                 "finetune.save_every=480", "finetune.utd=2", "env.num_envs=2", "finetune.critic_warmup=0"]
 
 
 def metrics(stage_dir):
@@ -159,7 +159,7 @@ def test_accelerate_two_processes_keep_identical_parameters(demo_dir, tmp_path):
            "finetune.total_env_steps=640", "finetune.learning_starts=160", "finetune.batch_size=32",
            "finetune.log_every=320", "finetune.eval_every=640", "finetune.eval_episodes=1", "env.num_envs=1",
            "env.num_eval_envs=1", "policy.hidden_dim=64", "policy.encoder_dim=64", "finetune.q_hidden_dim=64",
-           "finetune.actor_starts=0"]
+           "finetune.critic_warmup=0"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "finetune/summary.json").read_text())

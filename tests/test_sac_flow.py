@@ -46,9 +46,9 @@ def test_aggregate():
     assert aggregate(q, "mean").tolist() == [2.0, 3.5]
 
 
-@pytest.mark.parametrize("how", ["min", "mean"])
-def test_critic_target_matches_hand_computation(how):
-    agent = make_agent(q_aggregation=how)
+@pytest.mark.parametrize("how,ignore_terminations", [("min", False), ("mean", False), ("min", True)])
+def test_critic_target_matches_hand_computation(how, ignore_terminations):
+    agent = make_agent(q_aggregation=how, ignore_terminations=ignore_terminations)
     set_constant(agent.critic, [1.0, 3.0])
     set_constant(agent.target_critic, [2.0, 4.0])
     b = batch()
@@ -58,10 +58,11 @@ def test_critic_target_matches_hand_computation(how):
     _, next_log_prob, _ = agent.actor.sample(agent.encoder(b["next_obs"]))
     q_next = 2.0 if how == "min" else 3.0
     alpha = 0.2
-    y = b["reward"] + 0.9 * (~b["terminated"]).float() * (q_next - alpha * next_log_prob)
+    # terminal transitions bootstrap only when terminations are ignored (success is not absorbing)
+    not_done = torch.ones(6) if ignore_terminations else (~b["terminated"]).float()
+    y = b["reward"] + 0.9 * not_done * (q_next - alpha * next_log_prob)
     expected = 0.5 * ((1.0 - y) ** 2 + (3.0 - y) ** 2).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    # terminal transitions do not bootstrap
     torch.testing.assert_close(info["target_mean"], y.mean().detach())
 
 
@@ -123,6 +124,31 @@ def test_bc_term_is_added_with_its_weight():
     torch.manual_seed(0)
     with_bc, info, _ = agent.actor_loss(b, demo_batch=b, bc_weight=2.0)
     assert with_bc.item() == pytest.approx(no_bc.item() + 2.0 * info["bc_loss"].item(), rel=1e-5)
+
+
+def test_anchor_keeps_the_deterministic_policy_near_its_start():
+    """With the Q term pulling toward a far target, the anchored actor's executed action moves less."""
+    target = torch.tensor([0.9, -0.9, 0.9, -0.9])
+    b = batch()
+    moved = {}
+    for weight in (0.0, 50.0):
+        torch.manual_seed(0)
+        agent = make_agent(init_alpha=1e-4, normalize_q=False, anchor_weight=weight)
+        agent.critic = QuadraticCritic(target)
+        z = agent.encoder(b["obs"]).detach()
+        start = torch.tanh(agent.actor.deterministic(z)).detach()
+        opt = torch.optim.Adam(agent.actor_parameters(), lr=3e-3)
+        for step in range(100):
+            loss, info, _ = agent.actor_loss(b)
+            if step == 0 and weight > 0:
+                assert info["anchor_loss"].item() == pytest.approx(0.0, abs=1e-10)  # starts at the frozen copy
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        moved[weight] = (torch.tanh(agent.actor.deterministic(z)) - start).pow(2).sum(-1).mean().item()
+        assert all(not p.requires_grad for p in (agent.anchor_actor.parameters() if weight else []))
+    assert moved[0.0] > 0.05  # the Q term alone moves the policy
+    assert moved[50.0] < 0.25 * moved[0.0]
 
 
 def test_temperature_moves_towards_the_target_entropy():

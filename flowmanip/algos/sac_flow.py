@@ -6,12 +6,16 @@ Qbar_j their Polyak-averaged targets; alpha = exp(log_alpha).
 
     critic:  y = R + gamma^n (1 - done) (agg_j Qbar_j(s', a') - alpha log pi(a'|s')),  a' ~ pi(.|s')
              L_Q = mean_j (Q_j(s, a) - y)^2
-    actor:   L_pi = E[alpha log pi(a|s) - agg_j Q_j(s, a)] / c + beta * BC,  a reparameterised through all K steps
+    actor:   L_pi = E[alpha log pi(a|s) - agg_j Q_j(s, a)] / c + beta * BC + lambda * anchor,
+             a reparameterised through all K steps
              c = mean |Q| (detached) when normalize_q, else 1: keeps beta meaningful whatever the reward scale
+             anchor = E_s ||mu(s) - mu_0(s)||^2, mu the deterministic rollout (the policy eval scores),
+             mu_0 a frozen copy of the initial actor, s from the same batch as the Q term
     alpha:   L_alpha = -log_alpha * (log pi(a|s) + target_entropy)
 
 R is the discounted reward over the n <= H steps the chunk ran and gamma^n the matching
-discount (``batch["discount"]``). The encoder is shared: the critic loss trains it, the
+discount (``batch["discount"]``). done is the task's termination (success), or always 0
+with ``ignore_terminations`` (the default: success is not absorbing, see config.py). The encoder is shared: the critic loss trains it, the
 actor sees detached features, and the target critic has its own EMA copy of it.
 """
 
@@ -39,6 +43,8 @@ class SACFlow(nn.Module):
         self.target_encoder = copy.deepcopy(policy.encoder).requires_grad_(False)
         self.target_critic = copy.deepcopy(critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.init_alpha)))
+        # frozen copy of the initial actor: the anchor term keeps the executed (deterministic) policy near it
+        self.anchor_actor = copy.deepcopy(self.actor).requires_grad_(False) if cfg.anchor_weight > 0 else None
         d = self.actor.dim
         self.target_entropy = float(cfg.target_entropy) if cfg.target_entropy is not None else -float(d)
 
@@ -57,7 +63,7 @@ class SACFlow(nn.Module):
             next_action, next_log_prob, _ = self.actor.sample(self.encoder(batch["next_obs"]))
             q_next = aggregate(self.target_critic(self.target_encoder(batch["next_obs"]), next_action),
                                self.cfg.q_aggregation)
-            not_done = 1.0 - batch["terminated"].float()
+            not_done = 1.0 if self.cfg.ignore_terminations else 1.0 - batch["terminated"].float()
             target = batch["reward"] + batch["discount"] * not_done * (q_next - self.alpha * next_log_prob)
         q = self.critic(self.encoder(batch["obs"]), batch["action"])
         loss = (q - target[None]).pow(2).mean()
@@ -78,6 +84,12 @@ class SACFlow(nn.Module):
             bc = bc_loss(self.actor, z_demo, demo_batch["action"], self.cfg.bc_type)
             loss = loss + bc_weight * bc
             info["bc_loss"] = bc.detach()
+        if self.anchor_actor is not None:
+            with torch.no_grad():
+                reference = torch.tanh(self.anchor_actor.deterministic(z))
+            anchor = (torch.tanh(self.actor.deterministic(z)) - reference).pow(2).sum(-1).mean()
+            loss = loss + self.cfg.anchor_weight * anchor
+            info["anchor_loss"] = anchor.detach()
         info["actor_loss"] = loss.detach()
         return loss, info, states
 

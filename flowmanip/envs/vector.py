@@ -25,7 +25,7 @@ class ChunkResult:
     final_obs: dict  # obs right after the chunk (the last obs of an episode that ended)
     reward: torch.Tensor  # [N] sum_i gamma^i r_i over the steps taken
     discount: torch.Tensor  # [N] gamma^steps_taken
-    terminated: torch.Tensor  # [N] bool, the task ended (success); no bootstrap
+    terminated: torch.Tensor  # [N] bool, the task ended (success; never with ignore_terminations)
     truncated: torch.Tensor  # [N] bool, time limit
     success: torch.Tensor  # [N, h] bool per executed step (False after an episode ended)
     step_reward: torch.Tensor  # [N, h] undiscounted rewards per step (0 after an episode ended)
@@ -96,7 +96,7 @@ def _worker(remote, env_id: str, kwargs: dict):
         if cmd == "reset":
             remote.send(reset(payload))
         elif cmd == "step_chunk":
-            actions, gamma, auto_reset, render = payload
+            actions, gamma, auto_reset, render, ignore_terminations = payload
             h = actions.shape[0]
             success = np.zeros(h, bool)
             step_reward = np.zeros(h, np.float32)
@@ -115,7 +115,7 @@ def _worker(remote, env_id: str, kwargs: dict):
                 state["obs"] = obs_to_numpy(raw)
                 if render:
                     frames.append(_np(env.render())[0])
-                terminated = bool(_scalar(term))
+                terminated = bool(_scalar(term)) and not ignore_terminations
                 truncated = state["t"] >= horizon
                 if auto_reset and (terminated or truncated):
                     break
@@ -174,10 +174,10 @@ class CpuVectorEnv:
         return _stack([r.recv() for r in self.remotes], self.device)
 
     def step_chunk(self, actions: torch.Tensor, gamma: float = 1.0, auto_reset: bool = True,
-                   render: bool = False) -> ChunkResult:
+                   render: bool = False, ignore_terminations: bool = False) -> ChunkResult:
         actions = actions.detach().cpu().numpy().astype(np.float32)
         for remote, a in zip(self.remotes, actions):
-            remote.send(("step_chunk", (a, gamma, auto_reset, render)))
+            remote.send(("step_chunk", (a, gamma, auto_reset, render, ignore_terminations)))
         out = [r.recv() for r in self.remotes]
         cols = list(zip(*out))
         t = lambda xs, dtype: torch.as_tensor(np.asarray(xs), dtype=dtype)  # noqa: E731
@@ -250,7 +250,7 @@ class GpuVectorEnv:
         return self.obs
 
     def step_chunk(self, actions: torch.Tensor, gamma: float = 1.0, auto_reset: bool = True,
-                   render: bool = False) -> ChunkResult:
+                   render: bool = False, ignore_terminations: bool = False) -> ChunkResult:
         N, h = actions.shape[:2]
         dev = self.device
         alive = torch.ones(N, dtype=torch.bool, device=dev)
@@ -264,7 +264,12 @@ class GpuVectorEnv:
         final_obs = None
         frames = []
         for i in range(h):
-            raw, r, term, _, info = self.env.step(actions[:, i].to(dev))
+            raw, r, _, _, info = self.env.step(actions[:, i].to(dev))
+            # the wrapper zeroes terminations (it must not auto-reset); a task ends at success or failure
+            term = torch.zeros_like(alive)
+            for key in ("success", "fail"):
+                if key in info:
+                    term = term | info[key].bool()
             obs = self._obs(raw)
             if final_obs is None:
                 final_obs = {k: v.clone() for k, v in obs.items()}
@@ -284,7 +289,7 @@ class GpuVectorEnv:
             if render:
                 frames.append(self.env.render().cpu().numpy())
             if auto_reset:
-                ended_term = term.bool() & alive
+                ended_term = term.bool() & alive & (not ignore_terminations)
                 ended_trunc = (self.t >= self.horizon) & alive & ~ended_term
                 terminated |= ended_term
                 truncated |= ended_trunc

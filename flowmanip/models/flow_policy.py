@@ -4,9 +4,9 @@ Shapes: ``z [B, z_dim]``; the rollout state ``A_k [B, d]`` with ``d = H * action
 the action ``tanh(A_K)`` is the chunk in normalised units ``[-1, 1]``.
 
 - deterministic: ``A_{k+1} = A_k + dt * v(A_k, t_k, z)``
-- noise-augmented: ``A_{k+1} = A_k + dt * v(A_k, t_k, z) + sigma * eps_k``; its path
-  log-likelihood is SAC's entropy term:
-  ``log N(A_0; 0, I) + sum_k log N(A_{k+1}; A_k + dt v_k, sigma^2 I) - sum_j log(1 - tanh(A_K,j)^2 + 1e-6)``
+- noise-augmented: ``A_0 ~ N(0, s0^2 I)``, ``A_{k+1} = A_k + dt * v(A_k, t_k, z) + sigma * eps_k``;
+  its path log-likelihood is SAC's entropy term (the first term is dropped when s0 = 0):
+  ``log N(A_0; 0, s0^2 I) + sum_k log N(A_{k+1}; A_k + dt v_k, sigma^2 I) - sum_j log(1 - tanh(A_K,j)^2 + 1e-6)``
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ class FlowActor(nn.Module):
         self.flow_steps = cfg.flow_steps
         self.dim = action_dim * cfg.chunk
         self.velocity = make_velocity(cfg.velocity, z_dim, action_dim, cfg)
+        self.init_std = float(cfg.init_std)  # A_0 ~ N(0, init_std^2 I); 0 starts where the deterministic rollout does
+        self.log_init_std = math.log(self.init_std) if self.init_std > 0 else 0.0
         self.sigma_mode = cfg.sigma_mode
         self.log_sigma_min, self.log_sigma_max = cfg.log_sigma_min, cfg.log_sigma_max
         self.register_buffer("fixed_log_sigma", torch.tensor(math.log(cfg.sigma)))
@@ -73,10 +75,13 @@ class FlowActor(nn.Module):
         """
         B = z.shape[0]
         dt = 1.0 / self.flow_steps
-        a = torch.randn(B, self.dim, device=z.device, generator=generator)
+        a = torch.randn(B, self.dim, device=z.device, generator=generator) * self.init_std
         if keep_states:
             a.requires_grad_(True)  # so that d loss / d A_0 exists for the diagnostics
-        log_prob = gaussian_log_prob(a, torch.zeros_like(a), torch.zeros_like(a))
+        if self.init_std > 0:
+            log_prob = gaussian_log_prob(a, torch.zeros_like(a), torch.full_like(a, self.log_init_std))
+        else:  # A_0 is fixed: the path density is that of the K noisy steps alone
+            log_prob = torch.zeros(B, device=z.device)
         log_sigma = self.log_sigma(z)
         sigma = log_sigma.exp()
         states: List[torch.Tensor] = []

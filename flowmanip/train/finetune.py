@@ -223,6 +223,15 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             save_checkpoint(stage_dir, counters["env_steps"], recipe, spec, weights, state, "finetune",
                             {"init": init_ckpt["path"] if init_ckpt is not None and not resume else None})
 
+        def critic_update():
+            batch = sample_batch()
+            critic_loss, info = agent.critic_loss(batch)
+            info["critic_grad_norm"] = optimizer_step(accelerator, critic_opt, critic_loss,
+                                                      agent.critic_parameters(), cfg.grad_clip)
+            counters["updates"] += 1
+            agent.update_targets()
+            return batch, info
+
         # --- the loop -----------------------------------------------------------------
         t0 = time.time()
         history = []
@@ -254,7 +263,8 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                     action = torch.rand(env.num_envs, d, device=device) * 2 - 1
                 else:
                     action, _, _ = policy.actor.sample(policy.encoder(obs_dev))
-            result = env.step_chunk(policy.scaler.to_env(action.reshape(-1, H, A)), gamma=cfg.gamma)
+            result = env.step_chunk(policy.scaler.to_env(action.reshape(-1, H, A)), gamma=cfg.gamma,
+                                    ignore_terminations=cfg.ignore_terminations)
             buffer.add(obs, action, result.reward, result.discount, result.terminated, result.final_obs)
             obs = result.next_obs
             recent += result.episodes
@@ -272,15 +282,17 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
 
             # learn: utd critic updates per collected transition
             if counters["env_steps"] >= cfg.learning_starts and len(buffer) >= 2:
+                if not counters.get("critic_warmed", False):
+                    # fit Q to the initial policy before the actor may follow it
+                    for _ in tqdm(range(cfg.critic_warmup), desc="critic warm-up", leave=False,
+                                  disable=not is_main or cfg.critic_warmup == 0, dynamic_ncols=True):
+                        batch, info = critic_update()
+                    counters["critic_warmed"] = True
                 counters["update_budget"] += cfg.utd * env.num_envs
                 while counters["update_budget"] >= 1:
                     counters["update_budget"] -= 1
-                    batch = sample_batch()
-                    critic_loss, info = agent.critic_loss(batch)
-                    info["critic_grad_norm"] = optimizer_step(accelerator, critic_opt, critic_loss,
-                                                              agent.critic_parameters(), cfg.grad_clip)
-                    counters["updates"] += 1
-                    if counters["updates"] % cfg.actor_delay == 0 and counters["updates"] > cfg.actor_starts:
+                    batch, info = critic_update()
+                    if counters["updates"] % cfg.actor_delay == 0:
                         bc_weight = cfg.bc_weight
                         if cfg.bc_decay_steps > 0:
                             bc_weight *= max(0.0, 1.0 - counters["updates"] / cfg.bc_decay_steps)
@@ -296,7 +308,6 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                             optimizer_step(accelerator, alpha_opt, agent.alpha_loss(actor_info["log_prob"]),
                                            [agent.log_alpha], 0)
                         info.update(actor_info)
-                    agent.update_targets()
 
             if counters["env_steps"] >= next_log:
                 if is_main:
