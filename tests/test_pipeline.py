@@ -66,6 +66,7 @@ def test_finetune_improves_q_fit(demo_dir, tmp_path):
         f"data.path={demo_dir / 'pick_ee.h5'}", f"out_dir={tmp_path}", "finetune.init=none",
         "finetune.total_env_steps=640", "finetune.learning_starts=160", "finetune.batch_size=64",
         "finetune.log_every=160", "finetune.eval_every=640", "finetune.eval_episodes=2", "finetune.utd=8",
+        "finetune.critic_warmup=0",
         "policy.hidden_dim=64", "policy.encoder_dim=64", "finetune.q_hidden_dim=64", "logging.tensorboard=false"])
     rows = [r for r in metrics(tmp_path / "finetune") if "critic_loss" in r]
     assert len(rows) >= 3
