@@ -9,7 +9,7 @@
 
 Variants: ``mlp``/``gated``/``decoded`` are SAC Flow with that velocity field; ``gaussian``
 is a tanh-Gaussian SAC actor trained by the same loop on the same data (offline-to-online
-runs pretrain it with Gaussian behaviour cloning first). Writes results/<name>.json and
+runs pretrain it by Gaussian behaviour cloning first). Writes results/<name>.json and
 results/<name>.png (mean and min-max over seeds). The pretrained policy's success is the
 BC-only reference (the curve's value at step 0). Seed 0 of an offline-to-online variant reuses
 results/runs/pretrain_<variant> from benchmarks/pretrain_pickcube.py when it exists.
@@ -36,10 +36,7 @@ def run_variant(recipe, variant, seed, steps, out, overrides, scratch, results):
     reuse = os.path.join(results, "runs", f"pretrain_{variant}", "pretrain", "checkpoints", "last")
     if not scratch and seed == 0 and os.path.exists(reuse):  # made by benchmarks/pretrain_pickcube.py
         common.append(f"finetune.init={reuse}")
-    elif not scratch:
-        if actor == "gaussian":
-            raise SystemExit("gaussian offline-to-online needs a Gaussian BC pretrain; run with finetune.init=none "
-                             "or skip the variant")
+    elif not scratch:  # the gaussian variant is pretrained by Gaussian behaviour cloning
         run_pretrain(recipe, common + ["pretrain.eval_every=0"], overwrite=True)
     return run_finetune(recipe, common + [f"finetune.total_env_steps={steps}"], overwrite=True)
 

@@ -1,6 +1,9 @@
 """Pretraining on the shipped PickCube demos: train time and success over 100 episodes per velocity field.
 
-    python benchmarks/pretrain_pickcube.py [--velocities mlp gated decoded] [--episodes 100] [key=value ...]
+    python benchmarks/pretrain_pickcube.py [--velocities mlp gated decoded gaussian] [--episodes 100] [key=value ...]
+
+``gaussian`` is the tanh-Gaussian baseline actor fitted by Gaussian behaviour cloning (the
+starting point of the Gaussian-SAC fine-tune in benchmarks/finetune_curves.py).
 
 Writes results/pretrain_pickcube.json and prints a table. About 5-8 minutes per velocity
 field on a 2-core CPU (training plus a 100-episode evaluation).
@@ -21,7 +24,8 @@ from common import table, write  # noqa: E402
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default="recipes/pickcube.yaml")
-    parser.add_argument("--velocities", nargs="+", default=["mlp", "gated", "decoded"])
+    parser.add_argument("--velocities", nargs="+", default=["mlp", "gated", "decoded"],
+                        choices=["mlp", "gated", "decoded", "gaussian"])
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--results", default="results")
     parser.add_argument("overrides", nargs="*")
@@ -41,8 +45,9 @@ def main():
     for velocity in args.velocities:
         out = os.path.join(args.results, "runs", f"pretrain_{velocity}")
         start = time.time()
-        run_pretrain(args.recipe, [f"policy.velocity={velocity}", f"out_dir={out}", "pretrain.eval_every=0",
-                                   *args.overrides], overwrite=True)
+        actor = ["finetune.actor=gaussian"] if velocity == "gaussian" else [f"policy.velocity={velocity}"]
+        run_pretrain(args.recipe, [*actor, f"out_dir={out}", "pretrain.eval_every=0", *args.overrides],
+                     overwrite=True)
         train_s = time.time() - start
         result = evaluate_checkpoint(os.path.join(out, "pretrain"), episodes=args.episodes)
         rows.append({"velocity": velocity, "train_time_s": round(train_s, 1), **result})

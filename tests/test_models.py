@@ -142,3 +142,30 @@ def test_rgb_encoder_shapes():
     enc = RGBEncoder(7, torch.zeros(7), torch.ones(7), image_channels=6, channels=8, out_dim=32)
     obs = {"rgb": torch.randint(0, 255, (3, 32, 32, 6), dtype=torch.uint8), "state": torch.randn(3, 7)}
     assert enc(obs).shape == (3, 32)
+
+
+def test_gaussian_baseline_log_prob_and_behaviour_cloning():
+    """The SAC baseline's log-prob equals torch's tanh-transformed Normal; its BC loss fits a fixed chunk."""
+    from torch.distributions import TransformedDistribution
+    from torch.distributions.transforms import TanhTransform
+
+    from flowmanip.models.gaussian import GaussianActor
+
+    torch.manual_seed(0)
+    cfg = PolicyConfig(chunk=2, hidden_dim=32, num_layers=2)
+    act = GaussianActor(6, 3, cfg)
+    z = torch.randn(7, 6)
+    action, log_prob, _ = act.sample(z)
+    mean, log_std = act._stats(z)
+    dist = TransformedDistribution(Normal(mean, log_std.exp()), [TanhTransform()])
+    expected = dist.log_prob(action.clamp(-1 + 1e-6, 1 - 1e-6)).sum(-1)
+    assert torch.allclose(log_prob, expected, atol=2e-3), (log_prob, expected)
+
+    target = torch.tanh(torch.randn(1, 6)).expand(7, 6)
+    opt = torch.optim.Adam(act.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = act.flow_matching_loss(z, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert (torch.tanh(act.deterministic(z)) - target).abs().max() < 0.05

@@ -74,6 +74,24 @@ def test_finetune_improves_q_fit(demo_dir, tmp_path):
     assert summary["final_eval"]["episodes"] == 2
 
 
+def test_gaussian_baseline_pretrain_and_finetune(demo_dir, tmp_path):
+    """The Gaussian-SAC baseline: Gaussian behaviour cloning, then the same fine-tune loop from it."""
+    data = f"data.path={demo_dir / 'pick_ee.h5'}"
+    gauss = ["finetune.actor=gaussian", f"out_dir={tmp_path}"]
+    run_cli("pretrain", "recipes/pickcube.yaml", data, *gauss, *TINY_PRETRAIN)
+    rows = [r for r in metrics(tmp_path / "pretrain") if "loss" in r]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]  # NLL per dim falls
+    assert json.loads((tmp_path / "pretrain/checkpoints/last/meta.json").read_text())["actor"] == "gaussian"
+    # a flow fine-tune refuses the Gaussian checkpoint before any env starts
+    wrong = run_cli("finetune", "recipes/pickcube.yaml", data, f"out_dir={tmp_path}", *TINY_PRETRAIN[-3:],
+                    check=False)
+    assert wrong.returncode != 0 and "gaussian actor" in wrong.stderr
+    run_cli("finetune", "recipes/pickcube.yaml", data, *gauss, *TINY_PRETRAIN[-3:], *TINY_FINETUNE)
+    logged = [r for r in metrics(tmp_path / "finetune") if "critic_loss" in r]
+    assert logged and "grad_A0" not in logged[-1]  # no flow states to differentiate
+    assert any("eval/success_once" in r for r in metrics(tmp_path / "finetune"))
+
+
 def test_rgb_recipe_pretrain_and_finetune(rgb_demo, tmp_path):
     common = [f"data.path={rgb_demo}", f"out_dir={tmp_path}", "env.camera_size=32", "policy.cnn_channels=8",
               "env.num_eval_envs=1", "pretrain.batch_size=16"]

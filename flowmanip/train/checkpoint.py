@@ -39,7 +39,7 @@ def save_checkpoint(stage_dir: str, step: int, recipe, spec: dict, weights: dict
         "flowmanip_version": __version__, "stage": stage, "step": int(step),
         "env_id": recipe.env.id, "control_mode": recipe.env.control_mode, "obs_mode": recipe.env.obs_mode,
         "reward_mode": recipe.env.reward_mode, "max_episode_steps": recipe.env.max_episode_steps,
-        "velocity": recipe.policy.velocity, "actor": recipe.finetune.actor if stage == "finetune" else "flow",
+        "velocity": recipe.policy.velocity, "actor": recipe.finetune.actor,
         "flow_steps": recipe.policy.flow_steps, "chunk": recipe.policy.chunk,
         "obs_dim": spec["obs_dim"], "rgb_shape": spec["rgb_shape"], "action_dim": spec["action_dim"],
         **(extra_meta or {}),

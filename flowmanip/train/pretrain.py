@@ -97,7 +97,8 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
         with open(os.path.join(stage_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(recipe))
 
-        policy = Policy(spec, recipe.policy).to(device)
+        # finetune.actor=gaussian pretrains the Gaussian SAC baseline by Gaussian behaviour cloning
+        policy = Policy(spec, recipe.policy, recipe.finetune.actor).to(device)
         ema_policy = copy.deepcopy(policy).eval()
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, cfg.steps))
