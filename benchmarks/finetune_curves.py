@@ -12,7 +12,8 @@ is a tanh-Gaussian SAC actor trained by the same loop on the same data (offline-
 runs pretrain it by Gaussian behaviour cloning first). Writes results/<name>.json and
 results/<name>.png (mean and min-max over seeds). The pretrained policy's success is the
 BC-only reference (the curve's value at step 0). Seed 0 of an offline-to-online variant reuses
-results/runs/pretrain_<variant> from benchmarks/pretrain_pickcube.py when it exists.
+results/runs/pretrain_<variant> from benchmarks/pretrain_pickcube.py when it exists. Variants
+already in results/<name>.json from a run with the same recipe, steps and overrides are kept.
 """
 
 from __future__ import annotations
@@ -91,6 +92,17 @@ def main():
                          "env_steps": summary["env_steps"], "updates": summary["updates"],
                          "wall_s": round(summary["time_s"], 1)})
             print(table(rows, list(rows[0])), flush=True)
+    # variants from earlier runs of the same benchmark (same recipe, budget, overrides) are kept, read just
+    # before writing, so variants can run in separate (even concurrent) invocations
+    previous = os.path.join(args.results, f"{args.name}.json")
+    if os.path.exists(previous):
+        with open(previous) as f:
+            old = json.load(f)
+        if (old.get("recipe"), old.get("steps"), old.get("overrides")) == (args.recipe, args.steps, args.overrides):
+            keep = [v for v in old["curves"] if v not in curves]
+            rows = [r for r in old["rows"] if r["variant"] in keep] + rows
+            curves = {**{v: old["curves"][v] for v in keep}, **curves}
+    print(table(rows, list(rows[0])), flush=True)
     png = os.path.join(args.results, f"{args.name}.png")
     os.makedirs(args.results, exist_ok=True)
     plot(curves, png, f"{args.name} ({args.recipe})")
