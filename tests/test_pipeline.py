@@ -117,6 +117,10 @@ def test_pushcube_scratch_recipe(tmp_path):
     assert ckpt["meta"]["env_id"] == "PushCube-v1" and ckpt["meta"]["init"] is None
     # obs statistics came from the random warm-up, not the identity placeholder
     assert ckpt["spec"]["obs_std"] != [1.0] * ckpt["spec"]["obs_dim"]
+    # the learned noise scale is logged, inside its bounds
+    rows = [json.loads(line) for line in open(tmp_path / "finetune/metrics.jsonl")]
+    sigmas = [r["sigma"] for r in rows if "sigma" in r]
+    assert sigmas and all(0.0 < s <= 1.0 for s in sigmas), sigmas
 
 
 def _kill_when(proc, path, timeout=300):

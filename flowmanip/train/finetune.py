@@ -73,6 +73,14 @@ def optimizer_step(accelerator, optimizer, loss, params, clip: float) -> float:
     return float(norm)
 
 
+@torch.no_grad()
+def mean_sigma(policy, obs) -> float:
+    """Mean per-step noise scale of the noise-augmented rollout at ``obs`` (0 for actors without one)."""
+    if not hasattr(policy.actor, "log_sigma"):
+        return 0.0
+    return float(policy.actor.log_sigma(policy.encoder(obs)).exp().mean())
+
+
 def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, overwrite: bool = False) -> dict:
     from accelerate import Accelerator
 
@@ -314,8 +322,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                     elapsed = time.time() - t0
                     row = {k: float(v) for k, v in info.items()}
                     row.update(alpha=float(agent.alpha), updates=counters["updates"], time_s=elapsed,
-                               sigma=float(policy.actor.log_sigma(policy.encoder(obs_dev)).exp().mean())
-                               if hasattr(policy.actor, "log_sigma") else 0.0,
+                               sigma=mean_sigma(policy, obs_dev),
                                env_steps_per_s=(counters["env_steps"] - steps_at_start) / max(elapsed, 1e-6),
                                updates_per_s=(counters["updates"] - updates_at_start) / max(elapsed, 1e-6))
                     if recent:
