@@ -18,6 +18,7 @@ CHOICES = {
     "env.obs_mode": ("state", "rgb"),
     "policy.velocity": ("mlp", "gated", "decoded"),
     "policy.encoder": ("mlp", "identity"),
+    "policy.decoder_tokens": ("single", "chunk"),
     "policy.sigma_mode": ("fixed", "learned"),
     "finetune.q_aggregation": ("min", "mean"),
     "finetune.bc_type": ("flow_matching", "action_mse", "none"),
@@ -56,6 +57,7 @@ class PolicyConfig:
     decoder_layers: int = 2  # Flow-T
     decoder_heads: int = 4
     decoder_dim: int = 128
+    decoder_tokens: str = "single"  # Flow-T query tokens: single (one for the whole chunk, DESIGN.md) | chunk (one per step, H x compute)
     encoder: str = "identity"  # state obs: identity (normalised state) | mlp
     encoder_dim: int = 256
     cnn_channels: int = 32  # rgb encoder width

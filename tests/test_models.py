@@ -77,10 +77,13 @@ def test_monte_carlo_log_prob_matches_sample_frequencies():
     assert u.mean().item() == pytest.approx(0.0, abs=0.01)
 
 
-@pytest.mark.parametrize("velocity", ["mlp", "gated", "decoded"])
+FIELDS = [("mlp", "single"), ("gated", "single"), ("decoded", "single"), ("decoded", "chunk")]
+
+
+@pytest.mark.parametrize("velocity,tokens", FIELDS)
 @pytest.mark.parametrize("H", [1, 4])
-def test_shapes_with_chunks(velocity, H):
-    act = actor(velocity, K=3, H=H, A=4)
+def test_shapes_with_chunks(velocity, tokens, H):
+    act = actor(velocity, K=3, H=H, A=4, decoder_tokens=tokens)
     z = torch.randn(7, 6)
     action, log_prob, states = act.sample(z, keep_states=True)
     assert action.shape == (7, 4 * H) and log_prob.shape == (7,) and len(states) == 3
@@ -104,10 +107,10 @@ def test_flow_g_gate_starts_near_one_and_contracts_each_step():
     torch.testing.assert_close(J, (1 - dt * g) * torch.eye(d), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("velocity", ["mlp", "gated", "decoded"])
-def test_deterministic_rollout_reproduces_a_fitted_tiny_dataset(velocity):
+@pytest.mark.parametrize("velocity,tokens", FIELDS)
+def test_deterministic_rollout_reproduces_a_fitted_tiny_dataset(velocity, tokens):
     torch.manual_seed(0)
-    act = actor(velocity, K=4, H=2, A=2, z_dim=4)
+    act = actor(velocity, K=4, H=2, A=2, z_dim=4, decoder_tokens=tokens)
     z = torch.eye(4)
     target = torch.tensor([[0.5, -0.5, 0.2, 0.1], [-0.6, 0.3, 0.0, 0.7], [0.1, 0.8, -0.3, -0.2],
                            [0.4, 0.4, -0.7, 0.5]])

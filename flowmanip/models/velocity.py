@@ -48,36 +48,40 @@ class GatedVelocity(nn.Module):
 
 
 class DecodedVelocity(nn.Module):
-    """Flow-T: post-norm Transformer-decoder layers over the action chunk.
+    """Flow-T: post-norm Transformer-decoder layers over query tokens made from ``A_k``.
 
-    Query tokens are ``Linear(A_k)`` per chunk step plus a learned position and
-    ``TimeMLP(t_k)``; the memory token is ``StateMLP(z)``; each layer does
-    self-attention (across the H chunk steps), cross-attention to the memory and a
-    feed-forward block; ``v = Linear(x)``. With H = 1 this is DESIGN.md's single query
-    token. Each flow step is evaluated on its own (no attention across flow steps).
+    ``tokens="single"`` (DESIGN.md): one query token ``Linear(A_k) + TimeMLP(t_k)`` for the
+    whole chunk. ``tokens="chunk"``: one token per chunk step, ``Linear(a_h)`` plus a learned
+    position and ``TimeMLP(t_k)``, so self-attention runs across the H chunk steps (H times
+    the compute). The memory token is ``StateMLP(z)``; each layer does self-attention,
+    cross-attention to the memory and a feed-forward block; ``v = Linear(x)``. Each flow step
+    is evaluated on its own (no attention across flow steps).
     """
 
     def __init__(self, z_dim: int, action_dim: int, chunk: int, width: int = 128, num_layers: int = 2,
-                 num_heads: int = 4):
+                 num_heads: int = 4, tokens: str = "single"):
         super().__init__()
-        self.action_dim, self.chunk = action_dim, chunk
+        if tokens not in ("single", "chunk"):
+            raise ValueError(f"policy.decoder_tokens must be 'single' or 'chunk', got {tokens!r}")
+        self.num_tokens = chunk if tokens == "chunk" else 1
+        self.token_dim = action_dim * chunk // self.num_tokens
         self.time = TimeEmbedding(32)
-        self.action_in = nn.Linear(action_dim, width)
-        self.position = nn.Parameter(torch.zeros(1, chunk, width))
+        self.action_in = nn.Linear(self.token_dim, width)
+        self.position = nn.Parameter(torch.zeros(1, self.num_tokens, width))
         self.time_mlp = nn.Sequential(nn.Linear(32, width), nn.GELU(), nn.Linear(width, width))
         self.state_mlp = nn.Sequential(nn.Linear(z_dim, width), nn.GELU(), nn.Linear(width, width))
         layer = nn.TransformerDecoderLayer(width, num_heads, dim_feedforward=2 * width, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=False)
         self.decoder = nn.TransformerDecoder(layer, num_layers)
-        self.out = nn.Linear(width, action_dim)
+        self.out = nn.Linear(width, self.token_dim)
 
     def forward(self, a: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         B = a.shape[0]
-        tokens = self.action_in(a.reshape(B, self.chunk, self.action_dim)) + self.position
+        tokens = self.action_in(a.reshape(B, self.num_tokens, self.token_dim)) + self.position
         tokens = tokens + self.time_mlp(self.time(t))[:, None, :]
         memory = self.state_mlp(z)[:, None, :]
         x = self.decoder(tokens, memory)
-        return self.out(x).reshape(B, self.chunk * self.action_dim)
+        return self.out(x).reshape(B, self.num_tokens * self.token_dim)
 
 
 def make_velocity(kind: str, z_dim: int, action_dim: int, cfg) -> nn.Module:
@@ -86,5 +90,6 @@ def make_velocity(kind: str, z_dim: int, action_dim: int, cfg) -> nn.Module:
     if kind == "gated":
         return GatedVelocity(z_dim, action_dim, cfg.chunk, cfg.hidden_dim, cfg.num_layers)
     if kind == "decoded":
-        return DecodedVelocity(z_dim, action_dim, cfg.chunk, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_heads)
+        return DecodedVelocity(z_dim, action_dim, cfg.chunk, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_heads,
+                               cfg.decoder_tokens)
     raise ValueError(f"unknown velocity field {kind!r}")
