@@ -172,3 +172,27 @@ def test_gaussian_baseline_log_prob_and_behaviour_cloning():
         loss.backward()
         opt.step()
     assert (torch.tanh(act.deterministic(z)) - target).abs().max() < 0.05
+
+
+def test_flow_t_checkpoint_from_before_decoder_tokens_loads_with_per_step_tokens(tmp_path):
+    """Checkpoints saved before ``policy.decoder_tokens`` existed hold per-step-token Flow-T weights."""
+    from flowmanip.config import Recipe, to_dict
+    from flowmanip.train.checkpoint import load_checkpoint
+    from flowmanip.train.pretrain import policy_from_checkpoint
+
+    recipe = Recipe()
+    recipe.policy.velocity, recipe.policy.chunk, recipe.policy.decoder_dim = "decoded", 3, 16
+    recipe.policy.decoder_tokens = "chunk"
+    spec = {"obs_dim": 5, "obs_mean": [0.0] * 5, "obs_std": [1.0] * 5, "action_dim": 2,
+            "action_low": [-1.0] * 2, "action_high": [1.0] * 2, "env_low": [-1.0] * 2, "env_high": [1.0] * 2,
+            "rgb_shape": None}
+    old = Policy(spec, recipe.policy)
+    config = to_dict(recipe)
+    del config["policy"]["decoder_tokens"]  # what an older flowmanip wrote
+    torch.save({"config": config, "spec": spec, "meta": {}, "weights": {"policy": old.state_dict()}},
+               tmp_path / "policy.pt")
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt["recipe"].policy.decoder_tokens == "chunk"
+    loaded = policy_from_checkpoint(ckpt)
+    obs = {"state": torch.randn(4, 5)}
+    torch.testing.assert_close(loaded.act(obs, deterministic=True), old.eval().act(obs, deterministic=True))
