@@ -66,6 +66,9 @@ def test_finetune_rejects_bad_init_before_any_env_starts(tmp_path):
         ([f"finetune.init={_checkpoint_for(tmp_path / 'a', ['env.id=PushCube-v1'])}"], "env_id='PushCube-v1'"),
         ([f"finetune.init={_checkpoint_for(tmp_path / 'b', ['policy.chunk=4'])}"], "chunk=4"),
         ([f"finetune.init={_checkpoint_for(tmp_path / 'c', [], obs_dim=40)}"], "obs_dim 40"),
+        ([f"finetune.init={_checkpoint_for(tmp_path / 'd', ['policy.velocity=decoded', 'policy.decoder_tokens=chunk'])}",
+          "policy.velocity=decoded"], "policy.decoder_tokens='chunk', the recipe wants 'single'"),
+        ([f"finetune.init={_checkpoint_for(tmp_path / 'e', ['policy.velocity=mlp'])}"], "policy.velocity='mlp'"),
         (["env.num_envs=0"], "env.num_envs must be >= 1"),
         (["finetune.utd=-1"], "finetune.utd must be > 0"),
     ]

@@ -26,12 +26,22 @@ def resolve_init(recipe) -> str | None:
     return None if init.lower() in ("none", "scratch", "") else init
 
 
-def check_init_matches(meta: dict, recipe, source: str, obs_dim: int | None) -> None:
-    """An init checkpoint must be for the same env, control mode, obs mode and action chunk."""
+# policy keys that decide the shapes of the weights an init checkpoint must load into
+ARCHITECTURE_KEYS = ("velocity", "hidden_dim", "num_layers", "decoder_layers", "decoder_heads", "decoder_dim",
+                     "decoder_tokens", "encoder", "encoder_dim", "cnn_channels", "sigma_mode")
+
+
+def check_init_matches(meta: dict, recipe, source: str, obs_dim: int | None, init_policy) -> None:
+    """An init checkpoint must be for the same env, control mode, obs mode, action chunk and network shapes."""
     for key, want in (("env_id", recipe.env.id), ("control_mode", recipe.env.control_mode),
                       ("obs_mode", recipe.env.obs_mode), ("chunk", recipe.policy.chunk)):
         if meta.get(key) != want:
             raise FlowmanipError(f"{source}: init checkpoint has {key}={meta.get(key)!r}, the recipe wants {want!r}")
+    for key in ARCHITECTURE_KEYS:
+        have, want = getattr(init_policy, key), getattr(recipe.policy, key)
+        if have != want:
+            raise FlowmanipError(f"{source}: init checkpoint has policy.{key}={have!r}, the recipe wants {want!r} "
+                                 f"(set policy.{key}={have} to fine-tune it)")
     if obs_dim is not None and meta["obs_dim"] != obs_dim:
         raise FlowmanipError(f"{source}: init checkpoint expects obs_dim {meta['obs_dim']}, the data has {obs_dim}")
 
@@ -126,7 +136,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                                  "or set finetune.init=none to train from scratch")
         init_ckpt = load_checkpoint(init_path)
         check_init_matches(init_ckpt["meta"], recipe, init_ckpt["path"],
-                           episodes[0].obs["state"].shape[-1] if episodes else None)
+                           episodes[0].obs["state"].shape[-1] if episodes else None, init_ckpt["recipe"].policy)
         if init_ckpt["meta"].get("actor", "flow") != cfg.actor:
             raise FlowmanipError(f"{init_ckpt['path']}: init checkpoint has a {init_ckpt['meta'].get('actor')} actor, "
                                  f"finetune.actor is {cfg.actor!r}")
