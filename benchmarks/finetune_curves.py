@@ -85,10 +85,11 @@ def main():
             out = os.path.join(args.results, "runs", args.name, f"{variant}_seed{seed}")
             summary = run_variant(args.recipe, variant, seed, args.steps, out, args.overrides, scratch, args.results)
             curves.setdefault(variant, []).append(summary["evals"])
-            first90 = next((e["env_steps"] for e in summary["evals"] if e["success_once"] >= 0.9), None)
+            first90 = next((e for e in summary["evals"] if e["success_once"] >= 0.9), None)
             rows.append({"variant": variant, "seed": seed, "start": summary["evals"][0]["success_once"],
                          "final": summary["evals"][-1]["success_once"],
-                         "min": min(e["success_once"] for e in summary["evals"]), "steps_to_0.90": first90,
+                         "min": min(e["success_once"] for e in summary["evals"]),
+                         "steps_to_0.90": first90 and first90["env_steps"], "wall_s_to_0.90": first90 and first90["time_s"],
                          "env_steps": summary["env_steps"], "updates": summary["updates"],
                          "wall_s": round(summary["time_s"], 1)})
             print(table(rows, list(rows[0])), flush=True)

@@ -1,10 +1,12 @@
 """Fine-tune loop throughput against raw env stepping, same env config.
 
-    python benchmarks/throughput.py [--num-envs 2] [--steps 4000] [--backend auto] [key=value ...]
+    python benchmarks/throughput.py [--num-envs 2] [--steps 4000] [--backend auto] [--raw-only] [--name throughput]
+        [key=value ...]
 
 Raw: the vector env stepping zero-action chunks. Loop: ``flowmanip finetune`` with the
 recipe's networks for ``--steps`` env steps, updates starting at half of them. Reports
-env steps/s, updates/s and the overhead ratio (raw / loop). Writes results/throughput.json.
+env steps/s, updates/s and the overhead ratio (raw / loop). ``--raw-only`` skips the loop (to see how
+raw stepping scales with many GPU envs). Writes results/<name>.json.
 """
 
 from __future__ import annotations
@@ -27,11 +29,13 @@ def main():
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--results", default="results")
+    parser.add_argument("--name", default="throughput")
+    parser.add_argument("--raw-only", action="store_true")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
 
     from flowmanip.config import load_recipe
-    from flowmanip.envs import make_vector_env
+    from flowmanip.envs import make_vector_env, resolve_backend
     from flowmanip.train.finetune import run_finetune
 
     base = [f"env.num_envs={args.num_envs}", f"env.backend={args.backend}", *args.overrides]
@@ -46,9 +50,16 @@ def main():
         raw = steps / (time.time() - start)
     finally:
         env.close()
-    out = os.path.join(args.results, "runs", "throughput")
+    common = {"backend": resolve_backend(args.backend), "num_envs": args.num_envs,
+              "raw_env_steps_per_s": round(raw, 1)}
+    if args.raw_only:
+        print(table([common], list(common)))
+        print(f"wrote {write(args.results, args.name, {'recipe': args.recipe, 'overrides': args.overrides, 'rows': [common]})}")
+        return
+    out = os.path.join(args.results, "runs", args.name)
     summary = run_finetune(args.recipe, base + [f"out_dir={out}", f"finetune.total_env_steps={args.steps}",
                                                 f"finetune.learning_starts={args.steps // 2}", "finetune.eval_every=0",
+                                                "finetune.critic_warmup=0",
                                                 f"finetune.log_every={args.steps // 4}", "finetune.init=none"],
                            overwrite=True)
     import json
@@ -60,12 +71,13 @@ def main():
     dt = last["time_s"] - first["time_s"]
     loop_steps = (last["step"] - first["step"]) / dt if dt > 0 else float("nan")
     updates = (last["updates"] - first["updates"]) / dt if dt > 0 else float("nan")
-    row = {"backend": args.backend, "num_envs": args.num_envs, "raw_env_steps_per_s": round(raw, 1),
-           "loop_env_steps_per_s": round(loop_steps, 1), "updates_per_s": round(updates, 1),
+    from flowmanip.train.pretrain import device_for
+
+    row = {**common, "learner": device_for(recipe.device).type, "loop_env_steps_per_s": round(loop_steps, 1), "updates_per_s": round(updates, 1),
            "overhead_ratio": round(raw / loop_steps, 2), "utd": recipe.finetune.utd, "chunk": recipe.policy.chunk,
            "batch_size": recipe.finetune.batch_size, "total_wall_s": round(summary["time_s"], 1)}
     print(table([row], list(row)))
-    print(f"wrote {write(args.results, 'throughput', {'recipe': args.recipe, 'overrides': args.overrides, 'rows': [row]})}")
+    print(f"wrote {write(args.results, args.name, {'recipe': args.recipe, 'overrides': args.overrides, 'rows': [row]})}")
 
 
 if __name__ == "__main__":

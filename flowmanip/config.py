@@ -146,6 +146,9 @@ class Recipe:
     name: str = "pickcube"
     out_dir: str = "runs/pickcube"
     seed: int = 0
+    # where the networks train: auto = the GPU when CUDA is available (also under env.backend=cpu: CPU
+    # simulation, GPU learner), else the CPU
+    device: str = "auto"
     env: EnvConfig = field(default_factory=EnvConfig)
     data: Optional[DataConfig] = field(default_factory=DataConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -202,6 +205,8 @@ def validate(r: Recipe, source: str) -> None:
         value = getattr(getattr(r, section), name)
         if value not in choices:
             raise FlowmanipError(f"{source}: {key}={value!r} is not one of {list(choices)}")
+    if r.device not in ("auto", "cpu", "cuda"):
+        raise FlowmanipError(f"{source}: device={r.device!r} is not one of ['auto', 'cpu', 'cuda']")
     positive = {
         "env.num_envs": r.env.num_envs, "env.num_eval_envs": r.env.num_eval_envs,
         "env.max_episode_steps": r.env.max_episode_steps, "policy.flow_steps": r.policy.flow_steps,

@@ -31,11 +31,25 @@ def test_overrides_are_typed():
     ("env.num_envs=0", "env.num_envs must be >= 1"),
     ("finetune.utd=0", "finetune.utd must be > 0"),
     ("nonsense", "expected key=value"),
+    ("device=tpu", "device='tpu' is not one of ['auto', 'cpu', 'cuda']"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(FlowmanipError, match=None) as err:
         load_recipe(os.path.join(REPO, "recipes/pickcube.yaml"), [override])
     assert needle in str(err.value)
+
+
+def test_device_resolves_to_the_cpu_without_cuda():
+    """auto falls back to the CPU; asking for cuda where there is none is one clear error (CI has no GPU)."""
+    import torch
+
+    from flowmanip.train.pretrain import device_for
+
+    assert device_for("cpu").type == "cpu"
+    assert device_for("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(FlowmanipError, match="device=cuda but CUDA is not available"):
+            device_for("cuda")
 
 
 def test_bad_recipe_files(tmp_path):

@@ -41,7 +41,7 @@ def resolve_backend(backend: str) -> str:
     return backend
 
 
-def env_kwargs(env_cfg, sim_backend: str, render: bool = False) -> dict:
+def env_kwargs(env_cfg, sim_backend: str) -> dict:
     kwargs = dict(obs_mode=env_cfg.obs_mode, control_mode=env_cfg.control_mode, reward_mode=env_cfg.reward_mode,
                   sim_backend=sim_backend, max_episode_steps=env_cfg.max_episode_steps,
                   render_mode="rgb_array")
@@ -210,13 +210,20 @@ class GpuVectorEnv:
     a chunk keeps being stepped until the chunk ends, but those steps are masked out.
     """
 
-    def __init__(self, env_cfg, num_envs: int):
+    def __init__(self, env_cfg, num_envs: int, sim_backend: str = "physx_cuda"):
+        # sim_backend="physx_cpu" (one env) runs this class's bookkeeping on a machine without a GPU (tests)
         import gymnasium as gym
         import mani_skill.envs  # noqa: F401
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
-        kwargs = env_kwargs(env_cfg, "physx_cuda")
-        env = gym.make(env_cfg.id, num_envs=num_envs, **kwargs)
+        kwargs = env_kwargs(env_cfg, sim_backend)
+        try:
+            env = gym.make(env_cfg.id, num_envs=num_envs, **kwargs)
+        except Exception as e:  # e.g. SAPIEN trying to download its PhysX GPU library on an offline machine
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise FlowmanipError(
+                f"cannot make {env_cfg.id} on {sim_backend}: {type(e).__name__}: {first}. physx_cuda needs SAPIEN's "
+                "PhysX GPU library in ~/.sapien/physx (SAPIEN fetches it on first use); env.backend=cpu does not") from e
         self.env = ManiSkillVectorEnv(env, num_envs, auto_reset=False, ignore_terminations=True, record_metrics=False)
         self.num_envs = num_envs
         self.device = self.env.unwrapped.device

@@ -100,14 +100,14 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
     from flowmanip.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
     from flowmanip.train.evaluate import check_env_matches_spec, evaluate_policy
     from flowmanip.train.logger import MetricsLogger, plot_curves
-    from flowmanip.train.pretrain import load_demos, prepare_stage_dir
+    from flowmanip.train.pretrain import device_for, load_demos, prepare_stage_dir
     from flowmanip.train.replay import ReplayBuffer, concat_batches
     from flowmanip.utils import set_seed
 
     recipe = load_recipe(recipe_path, overrides)
     cfg = recipe.finetune
     backend = resolve_backend(recipe.env.backend)
-    accelerator = Accelerator(cpu=backend == "cpu")
+    accelerator = Accelerator(cpu=device_for(recipe.device).type == "cpu")
     rank, world, is_main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     if backend == "cpu":
@@ -196,7 +196,8 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
         demos = None
         if episodes is not None:
             demos = DemoSamples(episodes, recipe.policy.chunk, cfg.gamma)
-            demo_actions = policy.scaler.to_normalized(demos.actions).reshape(len(demos), -1)
+            # demo samples stay on the CPU until a batch is drawn (batch_to); the scaler lives on the device
+            demo_actions = policy.scaler.to_normalized(demos.actions.to(device)).reshape(len(demos), -1).cpu()
 
         def sample_demos(n):
             idx = torch.randint(len(demos), (n,))
@@ -266,7 +267,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
         while True:
             if is_main and counters["env_steps"] >= next_eval:
                 result = evaluate()
-                history.append({"env_steps": counters["env_steps"], **result})
+                history.append({"env_steps": counters["env_steps"], "time_s": round(time.time() - t0, 1), **result})
                 logger.log(counters["env_steps"], {f"eval/{k}": v for k, v in result.items()})
                 bar.write(f"env step {counters['env_steps']}: success_once={result['success_once']:.3f} "
                           f"success_at_end={result['success_at_end']:.3f} return={result['return_mean']:.2f}")

@@ -20,8 +20,11 @@ from flowmanip.errors import FlowmanipError
 from flowmanip.models.policy import Policy
 
 
-def device_for(backend: str) -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() and backend != "cpu" else "cpu")
+def device_for(device: str) -> torch.device:
+    """The recipe's ``device`` (auto | cpu | cuda) as a torch device."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FlowmanipError("device=cuda but CUDA is not available; use device=auto or cpu")
+    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
 
 
 def load_demos(recipe):
@@ -80,7 +83,7 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
     _, episodes = load_demos(recipe)
     prepare_stage_dir(stage_dir, resume, overwrite)
     set_seed(recipe.seed)
-    device = device_for(recipe.env.backend)
+    device = device_for(recipe.device)
 
     env = make_vector_env(recipe.env, recipe.env.num_eval_envs, recipe.env.backend)
     logger = None
