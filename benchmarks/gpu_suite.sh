@@ -6,7 +6,7 @@
 #   SIM=gpu (default): physx_cuda envs in one process (NUM_ENVS=256), replay buffer and updates on the GPU;
 #                      SAPIEN needs its PhysX GPU library in ~/.sapien/physx
 #   SIM=cpu:           physx_cpu worker processes (NUM_ENVS = the core count), networks on the GPU
-#   EXTRA="env.render=false"   extra recipe overrides for every stage; STAGE_TIMEOUT=900 (s) per stage
+#   EXTRA="finetune.utd=2"     extra recipe overrides for every stage; STAGE_TIMEOUT=900 (s) per stage
 #
 # 0. a smoke fine-tune (two chunks of updates, a 4-episode eval): stops the suite at once if the path breaks
 # 1. PickCube offline-to-online, Flow-G then Flow-T, 100 eval episodes every 5k (gpu) or 10k (cpu) env steps
