@@ -58,6 +58,7 @@ class PolicyConfig:
     decoder_heads: int = 4
     decoder_dim: int = 128
     decoder_tokens: str = "single"  # Flow-T query tokens: single (one for the whole chunk, DESIGN.md) | chunk (one per step, H x compute)
+    decoder_memory_tokens: int = 4  # Flow-T: the observation embedding as this many tokens (1: attention cannot see the query)
     encoder: str = "identity"  # state obs: identity (normalised state) | mlp
     encoder_dim: int = 256
     cnn_channels: int = 32  # rgb encoder width
@@ -213,6 +214,7 @@ def validate(r: Recipe, source: str) -> None:
         "policy.chunk": r.policy.chunk, "pretrain.batch_size": r.pretrain.batch_size,
         "finetune.batch_size": r.finetune.batch_size, "finetune.num_q": r.finetune.num_q,
         "finetune.actor_delay": r.finetune.actor_delay, "finetune.buffer_size": r.finetune.buffer_size,
+        "policy.decoder_memory_tokens": r.policy.decoder_memory_tokens,
     }
     for key, value in positive.items():
         if value < 1:

@@ -174,25 +174,30 @@ def test_gaussian_baseline_log_prob_and_behaviour_cloning():
     assert (torch.tanh(act.deterministic(z)) - target).abs().max() < 0.05
 
 
-def test_flow_t_checkpoint_from_before_decoder_tokens_loads_with_per_step_tokens(tmp_path):
-    """Checkpoints saved before ``policy.decoder_tokens`` existed hold per-step-token Flow-T weights."""
+@pytest.mark.parametrize("tokens, missing", [
+    ("chunk", ["decoder_tokens", "decoder_memory_tokens"]),  # before decoder_tokens existed
+    ("single", ["decoder_memory_tokens"]),  # before decoder_memory_tokens existed
+])
+def test_flow_t_checkpoints_from_older_versions_load_with_their_shapes(tmp_path, tokens, missing):
+    """Older checkpoints lack keys whose new defaults would change Flow-T's weight shapes."""
     from flowmanip.config import Recipe, to_dict
     from flowmanip.train.checkpoint import load_checkpoint
     from flowmanip.train.pretrain import policy_from_checkpoint
 
     recipe = Recipe()
     recipe.policy.velocity, recipe.policy.chunk, recipe.policy.decoder_dim = "decoded", 3, 16
-    recipe.policy.decoder_tokens = "chunk"
+    recipe.policy.decoder_tokens, recipe.policy.decoder_memory_tokens = tokens, 1
     spec = {"obs_dim": 5, "obs_mean": [0.0] * 5, "obs_std": [1.0] * 5, "action_dim": 2,
             "action_low": [-1.0] * 2, "action_high": [1.0] * 2, "env_low": [-1.0] * 2, "env_high": [1.0] * 2,
             "rgb_shape": None}
     old = Policy(spec, recipe.policy)
     config = to_dict(recipe)
-    del config["policy"]["decoder_tokens"]  # what an older flowmanip wrote
+    for key in missing:  # what an older flowmanip wrote
+        del config["policy"][key]
     torch.save({"config": config, "spec": spec, "meta": {}, "weights": {"policy": old.state_dict()}},
                tmp_path / "policy.pt")
     ckpt = load_checkpoint(str(tmp_path))
-    assert ckpt["recipe"].policy.decoder_tokens == "chunk"
+    assert (ckpt["recipe"].policy.decoder_tokens, ckpt["recipe"].policy.decoder_memory_tokens) == (tokens, 1)
     loaded = policy_from_checkpoint(ckpt)
     obs = {"state": torch.randn(4, 5)}
     torch.testing.assert_close(loaded.act(obs, deterministic=True), old.eval().act(obs, deterministic=True))

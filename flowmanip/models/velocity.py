@@ -53,13 +53,18 @@ class DecodedVelocity(nn.Module):
     ``tokens="single"`` (DESIGN.md): one query token ``Linear(A_k) + TimeMLP(t_k)`` for the
     whole chunk. ``tokens="chunk"``: one token per chunk step, ``Linear(a_h)`` plus a learned
     position and ``TimeMLP(t_k)``, so self-attention runs across the H chunk steps (H times
-    the compute). The memory token is ``StateMLP(z)``; each layer does self-attention,
-    cross-attention to the memory and a feed-forward block; ``v = Linear(x)``. Each flow step
-    is evaluated on its own (no attention across flow steps).
+    the compute). The memory is ``StateMLP(z)`` split into ``memory_tokens`` tokens; each layer
+    does self-attention, cross-attention to the memory and a feed-forward block;
+    ``v = Linear(x)``. Each flow step is evaluated on its own (no attention across flow steps).
+
+    Why more than one memory token: attention over a single key has softmax weight 1, so its
+    output is ``W_o W_v m`` whatever the query. With one memory token the action tokens and
+    the observation only meet additively, and the single-token self-attention is a fixed linear
+    map too. Several memory tokens make the cross-attention weights depend on ``A_k`` and ``t``.
     """
 
     def __init__(self, z_dim: int, action_dim: int, chunk: int, width: int = 128, num_layers: int = 2,
-                 num_heads: int = 4, tokens: str = "single"):
+                 num_heads: int = 4, tokens: str = "single", memory_tokens: int = 4):
         super().__init__()
         if tokens not in ("single", "chunk"):
             raise ValueError(f"policy.decoder_tokens must be 'single' or 'chunk', got {tokens!r}")
@@ -69,7 +74,8 @@ class DecodedVelocity(nn.Module):
         self.action_in = nn.Linear(self.token_dim, width)
         self.position = nn.Parameter(torch.zeros(1, self.num_tokens, width))
         self.time_mlp = nn.Sequential(nn.Linear(32, width), nn.GELU(), nn.Linear(width, width))
-        self.state_mlp = nn.Sequential(nn.Linear(z_dim, width), nn.GELU(), nn.Linear(width, width))
+        self.memory_tokens = memory_tokens
+        self.state_mlp = nn.Sequential(nn.Linear(z_dim, width), nn.GELU(), nn.Linear(width, width * memory_tokens))
         layer = nn.TransformerDecoderLayer(width, num_heads, dim_feedforward=2 * width, dropout=0.0,
                                            activation="gelu", batch_first=True, norm_first=False)
         self.decoder = nn.TransformerDecoder(layer, num_layers)
@@ -79,7 +85,7 @@ class DecodedVelocity(nn.Module):
         B = a.shape[0]
         tokens = self.action_in(a.reshape(B, self.num_tokens, self.token_dim)) + self.position
         tokens = tokens + self.time_mlp(self.time(t))[:, None, :]
-        memory = self.state_mlp(z)[:, None, :]
+        memory = self.state_mlp(z).reshape(B, self.memory_tokens, -1)
         x = self.decoder(tokens, memory)
         return self.out(x).reshape(B, self.num_tokens * self.token_dim)
 
@@ -91,5 +97,5 @@ def make_velocity(kind: str, z_dim: int, action_dim: int, cfg) -> nn.Module:
         return GatedVelocity(z_dim, action_dim, cfg.chunk, cfg.hidden_dim, cfg.num_layers)
     if kind == "decoded":
         return DecodedVelocity(z_dim, action_dim, cfg.chunk, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_heads,
-                               cfg.decoder_tokens)
+                               cfg.decoder_tokens, cfg.decoder_memory_tokens)
     raise ValueError(f"unknown velocity field {kind!r}")

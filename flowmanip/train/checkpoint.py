@@ -77,8 +77,11 @@ def load_checkpoint(path: str, with_training_state: bool = False) -> dict:
     path = resolve_checkpoint(path)
     try:
         ckpt = torch.load(os.path.join(path, "policy.pt"), map_location="cpu", weights_only=False)
-        # checkpoints written before policy.decoder_tokens existed (2026-11-26) have Flow-T's per-step tokens
-        ckpt["config"].setdefault("policy", {}).setdefault("decoder_tokens", "chunk")
+        # older checkpoints lack keys whose new defaults change Flow-T's weights (both added 2026-11-26):
+        # before decoder_tokens Flow-T had per-step tokens, before decoder_memory_tokens one memory token
+        policy = ckpt["config"].setdefault("policy", {})
+        policy.setdefault("decoder_tokens", "chunk")
+        policy.setdefault("decoder_memory_tokens", 1)
         ckpt["recipe"] = from_dict(ckpt["config"])
     except Exception as e:
         raise FlowmanipError(f"{path}/policy.pt: cannot load checkpoint ({type(e).__name__}: {e})") from None

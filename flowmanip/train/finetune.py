@@ -28,7 +28,7 @@ def resolve_init(recipe) -> str | None:
 
 # policy keys that decide the shapes of the weights an init checkpoint must load into
 ARCHITECTURE_KEYS = ("velocity", "hidden_dim", "num_layers", "decoder_layers", "decoder_heads", "decoder_dim",
-                     "decoder_tokens", "encoder", "encoder_dim", "cnn_channels", "sigma_mode")
+                     "decoder_tokens", "decoder_memory_tokens", "encoder", "encoder_dim", "cnn_channels", "sigma_mode")
 
 
 def check_init_matches(meta: dict, recipe, source: str, obs_dim: int | None, init_policy) -> None:
