@@ -73,8 +73,8 @@ def main():
     updates = (last["updates"] - first["updates"]) / dt if dt > 0 else float("nan")
     from flowmanip.train.pretrain import device_for
 
-    row = {**common, "learner": device_for(recipe.device).type, "loop_env_steps_per_s": round(loop_steps, 1), "updates_per_s": round(updates, 1),
-           "overhead_ratio": round(raw / loop_steps, 2), "utd": recipe.finetune.utd, "chunk": recipe.policy.chunk,
+    row = {**common, "learner": device_for(recipe.device).type, "loop_env_steps_per_s": round(loop_steps, 1),
+           "updates_per_s": round(updates, 1), "overhead_ratio": round(raw / loop_steps, 2), "utd": recipe.finetune.utd, "chunk": recipe.policy.chunk,
            "batch_size": recipe.finetune.batch_size, "total_wall_s": round(summary["time_s"], 1)}
     print(table([row], list(row)))
     print(f"wrote {write(args.results, args.name, {'recipe': args.recipe, 'overrides': args.overrides, 'rows': [row]})}")
