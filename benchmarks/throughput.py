@@ -37,6 +37,7 @@ def main():
     from flowmanip.config import load_recipe
     from flowmanip.envs import make_vector_env, resolve_backend
     from flowmanip.train.finetune import run_finetune
+    from flowmanip.utils import device_for
 
     base = [f"env.num_envs={args.num_envs}", f"env.backend={args.backend}", *args.overrides]
     recipe = load_recipe(args.recipe, base)
@@ -71,10 +72,9 @@ def main():
     dt = last["time_s"] - first["time_s"]
     loop_steps = (last["step"] - first["step"]) / dt if dt > 0 else float("nan")
     updates = (last["updates"] - first["updates"]) / dt if dt > 0 else float("nan")
-    from flowmanip.train.pretrain import device_for
-
     row = {**common, "learner": device_for(recipe.device).type, "loop_env_steps_per_s": round(loop_steps, 1),
-           "updates_per_s": round(updates, 1), "overhead_ratio": round(raw / loop_steps, 2), "utd": recipe.finetune.utd, "chunk": recipe.policy.chunk,
+           "updates_per_s": round(updates, 1), "overhead_ratio": round(raw / loop_steps, 2),
+           "utd": recipe.finetune.utd, "chunk": recipe.policy.chunk,
            "batch_size": recipe.finetune.batch_size, "total_wall_s": round(summary["time_s"], 1)}
     print(table([row], list(row)))
     print(f"wrote {write(args.results, args.name, {'recipe': args.recipe, 'overrides': args.overrides, 'rows': [row]})}")

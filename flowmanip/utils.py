@@ -37,3 +37,14 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def device_for(device: str):
+    """The recipe's ``device`` (auto | cpu | cuda) as a torch device: where the networks train."""
+    import torch
+
+    from flowmanip.errors import FlowmanipError
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FlowmanipError("device=cuda but CUDA is not available; use device=auto or cpu")
+    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")

@@ -43,7 +43,7 @@ def test_device_resolves_to_the_cpu_without_cuda():
     """auto falls back to the CPU; asking for cuda where there is none is one clear error (CI has no GPU)."""
     import torch
 
-    from flowmanip.train.pretrain import device_for
+    from flowmanip.utils import device_for
 
     assert device_for("cpu").type == "cpu"
     assert device_for("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")

@@ -221,9 +221,9 @@ class GpuVectorEnv:
             env = gym.make(env_cfg.id, num_envs=num_envs, **kwargs)
         except Exception as e:  # e.g. SAPIEN trying to download its PhysX GPU library on an offline machine
             first = (str(e).splitlines() or [""])[0][:200]
-            raise FlowmanipError(
-                f"cannot make {env_cfg.id} on {sim_backend}: {type(e).__name__}: {first}. physx_cuda needs SAPIEN's "
-                "PhysX GPU library in ~/.sapien/physx (SAPIEN fetches it on first use); env.backend=cpu does not") from e
+            hint = (". physx_cuda needs SAPIEN's PhysX GPU library in ~/.sapien/physx (SAPIEN fetches it on first "
+                    "use); env.backend=cpu does not") if sim_backend == "physx_cuda" else ""
+            raise FlowmanipError(f"cannot make {env_cfg.id} on {sim_backend}: {type(e).__name__}: {first}{hint}") from e
         self.env = ManiSkillVectorEnv(env, num_envs, auto_reset=False, ignore_terminations=True, record_metrics=False)
         self.num_envs = num_envs
         self.device = self.env.unwrapped.device

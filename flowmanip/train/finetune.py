@@ -100,9 +100,9 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
     from flowmanip.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
     from flowmanip.train.evaluate import check_env_matches_spec, evaluate_policy
     from flowmanip.train.logger import MetricsLogger, plot_curves
-    from flowmanip.train.pretrain import device_for, load_demos, prepare_stage_dir
+    from flowmanip.train.pretrain import load_demos, prepare_stage_dir
     from flowmanip.train.replay import ReplayBuffer, concat_batches
-    from flowmanip.utils import set_seed
+    from flowmanip.utils import device_for, set_seed
 
     recipe = load_recipe(recipe_path, overrides)
     cfg = recipe.finetune

@@ -18,13 +18,7 @@ from tqdm import tqdm
 from flowmanip.config import load_recipe, to_yaml
 from flowmanip.errors import FlowmanipError
 from flowmanip.models.policy import Policy
-
-
-def device_for(device: str) -> torch.device:
-    """The recipe's ``device`` (auto | cpu | cuda) as a torch device."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise FlowmanipError("device=cuda but CUDA is not available; use device=auto or cpu")
-    return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+from flowmanip.utils import device_for
 
 
 def load_demos(recipe):
