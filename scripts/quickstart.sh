@@ -9,8 +9,8 @@ RECIPE=${RECIPE:-recipes/pickcube.yaml}
 OUT=${OUT:-runs/quickstart}
 EPISODES=${EPISODES:-50}
 FM=".venv/bin/flowmanip"
-$FM pretrain "$RECIPE" out_dir="$OUT" --overwrite "$@"
-$FM finetune "$RECIPE" out_dir="$OUT" finetune.total_env_steps="${FINETUNE_STEPS:-10000}" --overwrite "$@"
+$FM pretrain --overwrite "$RECIPE" out_dir="$OUT" "$@"  # options before the recipe: argparse takes no options between overrides
+$FM finetune --overwrite "$RECIPE" out_dir="$OUT" finetune.total_env_steps="${FINETUNE_STEPS:-10000}" "$@"
 before=$($FM eval "$OUT/pretrain" --episodes "$EPISODES" --json)
 after=$($FM eval "$OUT/finetune" --episodes "$EPISODES" --json)
 .venv/bin/python - "$before" "$after" <<'PY'
