@@ -12,7 +12,9 @@ is a tanh-Gaussian SAC actor trained by the same loop on the same data (offline-
 runs pretrain it by Gaussian behaviour cloning first). Writes results/<name>.json and
 results/<name>.png (mean and min-max over seeds). The pretrained policy's success is the
 BC-only reference (the curve's value at step 0). Seed 0 of an offline-to-online variant reuses
-results/runs/pretrain_<variant> from benchmarks/pretrain_pickcube.py when it exists. Variants
+results/runs/pretrain_<variant> from benchmarks/pretrain_pickcube.py when that run was made with
+the same env, data, policy and pretrain settings; a ``finetune.init=PATH`` override starts every
+run from PATH instead. Variants
 already in results/<name>.json from a run with the same recipe, steps and overrides are kept.
 """
 
@@ -34,12 +36,27 @@ def run_variant(recipe, variant, seed, steps, out, overrides, scratch, results):
     actor = "gaussian" if variant == "gaussian" else "flow"
     velocity = "gated" if variant == "gaussian" else variant
     common = [f"policy.velocity={velocity}", f"finetune.actor={actor}", f"out_dir={out}", f"seed={seed}", *overrides]
-    reuse = os.path.join(results, "runs", f"pretrain_{variant}", "pretrain", "checkpoints", "last")
-    if not scratch and seed == 0 and os.path.exists(reuse):  # made by benchmarks/pretrain_pickcube.py
-        common.append(f"finetune.init={reuse}")
-    elif not scratch:  # the gaussian variant is pretrained by Gaussian behaviour cloning
+    reuse = os.path.join(results, "runs", f"pretrain_{variant}", "pretrain")
+    if scratch or any(o.startswith("finetune.init=") for o in overrides):
+        pass  # no pretrain, or the caller names the checkpoint to start from
+    elif seed == 0 and same_pretrain(reuse, recipe, common):  # made by benchmarks/pretrain_pickcube.py
+        common.append(f"finetune.init={os.path.join(reuse, 'checkpoints', 'last')}")
+    else:  # the gaussian variant is pretrained by Gaussian behaviour cloning
         run_pretrain(recipe, common + ["pretrain.eval_every=0"], overwrite=True)
     return run_finetune(recipe, common + [f"finetune.total_env_steps={steps}"], overwrite=True)
+
+
+def same_pretrain(run: str, recipe: str, overrides: list) -> bool:
+    """Whether the pretrain run in ``run`` was made with this recipe's env, data, policy and pretrain settings."""
+    from flowmanip.config import load_recipe, to_dict
+
+    saved = os.path.join(run, "config.yaml")
+    if not os.path.exists(os.path.join(run, "checkpoints", "last")) or not os.path.exists(saved):
+        return False
+    a, b = to_dict(load_recipe(saved)), to_dict(load_recipe(recipe, overrides))
+    for d in (a, b):  # evaluation settings do not change the weights
+        d["pretrain"] = {k: v for k, v in d["pretrain"].items() if not k.startswith("eval")}
+    return all(a[k] == b[k] for k in ("seed", "env", "data", "policy", "pretrain"))
 
 
 def plot(curves: dict, path: str, title: str) -> None:
