@@ -170,22 +170,37 @@ def _omegaconf_error(e, source: str) -> FlowmanipError:
     return FlowmanipError(f"{source}: {str(e).splitlines()[0]}")
 
 
+def _recipe_layers(path: str, seen: tuple) -> list:
+    """The YAML of ``path`` after that of its ``base:`` recipe (a path relative to the file), recursively."""
+    from omegaconf import OmegaConf
+
+    if not os.path.isfile(path):
+        raise FlowmanipError(f"{seen[-1] + ': base ' if seen else ''}{path}: recipe file not found")
+    if os.path.abspath(path) in seen:
+        raise FlowmanipError(f"{path}: recipe 'base:' chain loops back to this file")
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as e:
+        raise FlowmanipError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    base = loaded.pop("base", None) if hasattr(loaded, "pop") else None
+    if base is None:
+        return [loaded]
+    if not isinstance(base, str):
+        raise FlowmanipError(f"{path}: base must be the path of another recipe, got {base!r}")
+    base_path = os.path.join(os.path.dirname(path), base)
+    return [*_recipe_layers(base_path, (*seen, os.path.abspath(path))), loaded]
+
+
 def load_recipe(path: str | None, overrides: list[str] = ()) -> Recipe:
-    """Load a YAML recipe onto the schema, apply overrides, validate. Returns a Recipe."""
+    """Load a YAML recipe (over its ``base:`` recipe, if it names one) onto the schema, apply overrides, validate."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     schema = OmegaConf.structured(Recipe)
     cfg = schema
     if path is not None:
-        if not os.path.isfile(path):
-            raise FlowmanipError(f"{path}: recipe file not found")
         try:
-            loaded = OmegaConf.load(path)
-        except Exception as e:
-            raise FlowmanipError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        try:
-            cfg = OmegaConf.merge(schema, loaded)
+            cfg = OmegaConf.merge(schema, *_recipe_layers(path, ()))
         except OmegaConfBaseException as e:
             raise _omegaconf_error(e, path) from None
     for item in overrides:

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from conftest import REPO, run_cli
-from flowmanip.config import load_recipe
+from flowmanip.config import load_recipe, to_dict
 from flowmanip.errors import FlowmanipError
 
 
@@ -16,6 +16,28 @@ from flowmanip.errors import FlowmanipError
 def test_every_recipe_loads(path):
     recipe = load_recipe(path)
     assert recipe.env.id.endswith("-v1") and recipe.out_dir
+
+
+def test_a_recipe_with_a_base_changes_only_its_own_keys(tmp_path):
+    """recipes/pickcube_flowt.yaml names recipes/pickcube.yaml as its base: every other key is the base's."""
+    base, flowt = (to_dict(load_recipe(os.path.join(REPO, "recipes", f))) for f in ("pickcube.yaml", "pickcube_flowt.yaml"))
+    assert flowt["policy"]["velocity"] == "decoded" and flowt["pretrain"]["steps"] == 30000
+    assert flowt["name"] == "pickcube_flowt" and "base" not in flowt
+    for d in (base, flowt):
+        del d["name"], d["out_dir"], d["policy"]["velocity"], d["pretrain"]["steps"]
+    assert flowt == base
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("base: nowhere.yaml\n", "nowhere.yaml: recipe file not found"),
+    ("base: me.yaml\n", "chain loops back"),
+    ("base: [1, 2]\n", "base must be the path of another recipe"),
+])
+def test_a_bad_base_is_one_error(tmp_path, text, needle):
+    (tmp_path / "me.yaml").write_text(text)
+    with pytest.raises(FlowmanipError) as err:
+        load_recipe(str(tmp_path / "me.yaml"))
+    assert needle in str(err.value)
 
 
 def test_overrides_are_typed():
