@@ -37,12 +37,12 @@ def run_variant(recipe, variant, seed, steps, out, overrides, scratch, results):
     velocity = "gated" if variant == "gaussian" else variant
     common = [f"policy.velocity={velocity}", f"finetune.actor={actor}", f"out_dir={out}", f"seed={seed}", *overrides]
     reuse = os.path.join(results, "runs", f"pretrain_{variant}", "pretrain")
-    if scratch or any(o.startswith("finetune.init=") for o in overrides):
-        pass  # no pretrain, or the caller names the checkpoint to start from
-    elif seed == 0 and same_pretrain(reuse, recipe, common):  # made by benchmarks/pretrain_pickcube.py
-        common.append(f"finetune.init={os.path.join(reuse, 'checkpoints', 'last')}")
-    else:  # the gaussian variant is pretrained by Gaussian behaviour cloning
-        run_pretrain(recipe, common + ["pretrain.eval_every=0"], overwrite=True)
+    named_init = any(o.startswith("finetune.init=") for o in overrides)  # the caller names the start
+    if not scratch and not named_init:
+        if seed == 0 and same_pretrain(reuse, recipe, common):  # made by benchmarks/pretrain_pickcube.py
+            common.append(f"finetune.init={os.path.join(reuse, 'checkpoints', 'last')}")
+        else:  # pretrain this variant (the gaussian one by Gaussian behaviour cloning)
+            run_pretrain(recipe, common + ["pretrain.eval_every=0"], overwrite=True)
     return run_finetune(recipe, common + [f"finetune.total_env_steps={steps}"], overwrite=True)
 
 
