@@ -2,7 +2,7 @@
 
     flowmanip pretrain RECIPE [key=value ...] [--resume]
     flowmanip finetune RECIPE [key=value ...] [--resume]
-    flowmanip eval CKPT [--episodes N] [--video DIR] [--json]
+    flowmanip eval CKPT [--episodes N] [--video DIR] [--json] [--per-episode FILE.json]
     flowmanip export CKPT --format torchscript -o policy.pt
     flowmanip demos generate|replay|to-robomimic|inspect ...
 
@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "gpu", "cpu"], default=None)
     p.add_argument("--video", metavar="DIR", help="write one MP4 per episode batch here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--per-episode", metavar="FILE.json",
+                   help="also write one record per episode (seed, success_once, success_at_end, return) here")
 
     p = sub.add_parser("export", help="write a self-contained policy file for deployment")
     p.add_argument("checkpoint")
@@ -95,7 +97,15 @@ def _run(args) -> int:
         from flowmanip.train.evaluate import evaluate_checkpoint
 
         result = evaluate_checkpoint(args.checkpoint, episodes=args.episodes, seed=args.seed, num_envs=args.num_envs,
-                                     backend=args.backend, video_dir=args.video)
+                                     backend=args.backend, video_dir=args.video,
+                                     per_episode=args.per_episode is not None)
+        if args.per_episode:
+            from flowmanip.utils import atomic_output
+
+            with atomic_output(args.per_episode) as tmp, open(tmp, "w") as f:
+                json.dump(result, f, indent=1)
+            episodes = result.pop("per_episode")
+            result["failed_seeds"] = [e["seed"] for e in episodes if not e["success_once"]]
         if args.json:
             print(json.dumps(result))
         else:

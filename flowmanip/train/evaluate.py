@@ -2,7 +2,9 @@
 
 Separate eval envs, ``ignore_terminations`` (every episode runs the full horizon), no
 partial resets, fixed seeds ``seed, seed+1, ...``. Reports ``success_once`` (success at
-any step), ``success_at_end`` (success at the last step), ``return_mean``, ``episodes``.
+any step), ``success_at_end`` (success at the last step), ``return_mean``, ``episodes``;
+with ``per_episode=True`` also one record per episode (its seed, the two successes and
+its return), so two checkpoints can be compared seed by seed.
 """
 
 from __future__ import annotations
@@ -29,9 +31,9 @@ def check_env_matches_spec(env, spec: dict, obs: dict, source: str) -> None:
 
 @torch.no_grad()
 def evaluate_policy(act, env, episodes: int, horizon: int, execute: int, seed: int = 0,
-                    video_dir: str | None = None, device=None) -> dict:
+                    video_dir: str | None = None, device=None, per_episode: bool = False) -> dict:
     """Run ``episodes`` episodes with ``act(obs) -> [N, H, A]`` env actions, executing ``execute`` per decision."""
-    successes_once, successes_end, returns = [], [], []
+    successes_once, successes_end, returns, all_seeds = [], [], [], []
     rounds = -(-episodes // env.num_envs)
     for rnd in range(rounds):
         seeds = [seed + rnd * env.num_envs + i for i in range(env.num_envs)]
@@ -56,15 +58,21 @@ def evaluate_policy(act, env, episodes: int, horizon: int, execute: int, seed: i
         successes_once += success_any.tolist()
         successes_end += success_last.tolist()
         returns += ret.tolist()
+        all_seeds += seeds
         if video_dir is not None:
             _write_videos(video_dir, frames, seeds)
     n = episodes
-    return {
+    result = {
         "success_once": float(np.mean(successes_once[:n])),
         "success_at_end": float(np.mean(successes_end[:n])),
         "return_mean": float(np.mean(returns[:n])),
         "episodes": n,
     }
+    if per_episode:
+        result["per_episode"] = [
+            {"seed": s, "success_once": bool(o), "success_at_end": bool(e), "return": float(r)}
+            for s, o, e, r in zip(all_seeds[:n], successes_once[:n], successes_end[:n], returns[:n])]
+    return result
 
 
 def _write_videos(video_dir: str, frames: list, seeds: list[int]) -> None:
@@ -77,7 +85,8 @@ def _write_videos(video_dir: str, frames: list, seeds: list[int]) -> None:
 
 
 def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, num_envs: int | None = None,
-                        backend: str | None = None, video_dir: str | None = None) -> dict:
+                        backend: str | None = None, video_dir: str | None = None,
+                        per_episode: bool = False) -> dict:
     from flowmanip.envs import make_vector_env
     from flowmanip.train.checkpoint import load_checkpoint
     from flowmanip.train.pretrain import policy_from_checkpoint
@@ -93,7 +102,8 @@ def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, num_envs:
         policy.to(env.device)
         check_env_matches_spec(env, ckpt["spec"], env.reset(), ckpt["path"])
         result = evaluate_policy(policy.act, env, episodes, recipe.env.max_episode_steps,
-                                 recipe.policy.execute or recipe.policy.chunk, seed, video_dir)
+                                 recipe.policy.execute or recipe.policy.chunk, seed, video_dir,
+                                 per_episode=per_episode)
     finally:
         env.close()
     result["checkpoint"] = ckpt["path"]
