@@ -40,14 +40,25 @@ def test_pickcube_pretrain_eval_finetune(demo_dir, tmp_path):
     meta = json.loads((stage / "checkpoints/last/meta.json").read_text())
     assert meta["env_id"] == "PickCube-v1" and meta["control_mode"] == "pd_ee_delta_pos"
     assert meta["obs_dim"] == 42 and meta["action_dim"] == 4 and meta["step"] == 300
-    result = json.loads(run_cli("eval", stage, "--episodes", 2, "--json").stdout.strip().splitlines()[-1])
-    assert set(result) >= {"success_once", "success_at_end", "return_mean", "episodes"}
-    assert result["episodes"] == 2 and 0 <= result["success_once"] <= 1
+    per_episode = tmp_path / "episodes.json"
+    result = json.loads(run_cli("eval", stage, "--episodes", 3, "--json", "--per-episode", per_episode)
+                        .stdout.strip().splitlines()[-1])
+    assert set(result) >= {"success_once", "success_at_end", "return_mean", "episodes", "failed_seeds"}
+    assert result["episodes"] == 3 and 0 <= result["success_once"] <= 1
+    # 3 episodes on 2 eval envs: two rounds, the fourth episode dropped; the records add up to the means
+    episodes = json.loads(per_episode.read_text())["per_episode"]
+    assert [e["seed"] for e in episodes] == [0, 1, 2]
+    assert sum(e["success_once"] for e in episodes) / 3 == pytest.approx(result["success_once"])
+    assert sum(e["return"] for e in episodes) / 3 == pytest.approx(result["return_mean"])
+    assert result["failed_seeds"] == [e["seed"] for e in episodes if not e["success_once"]]
 
     # fine-tune from that checkpoint (the recipe's default init) and check the critic learns
-    run_cli("finetune", "recipes/pickcube.yaml", data, f"out_dir={out}", *TINY_PRETRAIN, *TINY_FINETUNE)
+    # with its own rollout noise: sigma is a fine-tune setting, the pretrain checkpoint's (0.1) must not override it
+    run_cli("finetune", "recipes/pickcube.yaml", data, f"out_dir={out}", *TINY_PRETRAIN, *TINY_FINETUNE,
+            "policy.sigma=0.05")
     stage = out / "finetune"
     rows = metrics(stage)
+    assert all(r["sigma"] == pytest.approx(0.05) for r in rows if "sigma" in r)
     evals = [r for r in rows if "eval/success_once" in r]
     assert [r["step"] for r in evals] == [0, 480]
     logged = [r for r in rows if "critic_loss" in r]

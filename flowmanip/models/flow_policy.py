@@ -49,8 +49,18 @@ class FlowActor(nn.Module):
         self.register_buffer("fixed_log_sigma", torch.tensor(math.log(cfg.sigma)))
         # state-conditioned noise scale: starts at the configured fixed sigma
         self.sigma_head = nn.Linear(z_dim, self.dim)
+        self.reset_sigma(cfg.sigma)
+
+    @torch.no_grad()
+    def reset_sigma(self, sigma: float) -> None:
+        """Set the rollout noise to ``sigma`` (fixed, and the learned head's starting point).
+
+        Both live in the state dict, so loading a pretrain checkpoint brings its recipe's sigma
+        along; fine-tuning calls this after loading so that the fine-tune recipe's sigma holds.
+        """
+        self.fixed_log_sigma.fill_(math.log(sigma))
         nn.init.zeros_(self.sigma_head.weight)
-        nn.init.constant_(self.sigma_head.bias, math.log(cfg.sigma))
+        nn.init.constant_(self.sigma_head.bias, math.log(sigma))
 
     def log_sigma(self, z: torch.Tensor) -> torch.Tensor:
         if self.sigma_mode == "learned":

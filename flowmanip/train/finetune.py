@@ -169,6 +169,8 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
         if init_ckpt is not None and not resume:
             w = init_ckpt["weights"]
             policy.load_state_dict(w.get("policy_ema", w["policy"]))
+            if cfg.actor == "flow":  # the noise is a fine-tune setting: this recipe's, not the init's
+                policy.actor.reset_sigma(recipe.policy.sigma)
         critic = build_critic(policy.encoder.out_dim, spec, recipe.policy, cfg).to(device)
         agent = SACFlow(policy, critic, cfg).to(device)
         actor_opt = torch.optim.Adam(agent.actor_parameters(), lr=cfg.lr_actor)
