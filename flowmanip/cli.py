@@ -2,7 +2,7 @@
 
     flowmanip pretrain RECIPE [key=value ...] [--resume]
     flowmanip finetune RECIPE [key=value ...] [--resume]
-    flowmanip eval CKPT [--episodes N] [--video DIR] [--json] [--per-episode FILE.json]
+    flowmanip eval CKPT [--episodes N] [--stochastic [--sigma S]] [--json] [--per-episode FILE.json]
     flowmanip export CKPT --format torchscript -o policy.pt
     flowmanip demos generate|replay|to-robomimic|inspect ...
 
@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "gpu", "cpu"], default=None)
     p.add_argument("--video", metavar="DIR", help="write one MP4 per episode batch here")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--stochastic", action="store_true",
+                   help="run the noise-augmented rollout (the fine-tune's behaviour policy), noise seeded by --seed")
+    p.add_argument("--sigma", type=float, default=None,
+                   help="flow policies: rollout noise per flow step for --stochastic (default: the checkpoint's)")
     p.add_argument("--per-episode", metavar="FILE.json",
                    help="also write one record per episode (seed, success_once, success_at_end, return) here")
 
@@ -98,7 +102,8 @@ def _run(args) -> int:
 
         result = evaluate_checkpoint(args.checkpoint, episodes=args.episodes, seed=args.seed, num_envs=args.num_envs,
                                      backend=args.backend, video_dir=args.video,
-                                     per_episode=args.per_episode is not None)
+                                     per_episode=args.per_episode is not None, stochastic=args.stochastic,
+                                     sigma=args.sigma)
         if args.per_episode:
             from flowmanip.utils import atomic_output
 

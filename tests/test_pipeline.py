@@ -51,6 +51,14 @@ def test_pickcube_pretrain_eval_finetune(demo_dir, tmp_path):
     assert sum(e["success_once"] for e in episodes) / 3 == pytest.approx(result["success_once"])
     assert sum(e["return"] for e in episodes) / 3 == pytest.approx(result["return_mean"])
     assert result["failed_seeds"] == [e["seed"] for e in episodes if not e["success_once"]]
+    # the noise-augmented rollout: with a vanishing sigma it is the deterministic one, with a large one it is not
+    def stochastic_eval(sigma):
+        out = run_cli("eval", stage, "--episodes", 3, "--json", "--sigma", sigma).stdout.strip().splitlines()[-1]
+        return json.loads(out)
+    quiet, loud = stochastic_eval(1e-6), stochastic_eval(3.0)
+    assert quiet["stochastic"] and quiet["sigma"] == 1e-6
+    assert quiet["return_mean"] == pytest.approx(result["return_mean"], rel=1e-2)
+    assert loud["return_mean"] != pytest.approx(result["return_mean"], rel=1e-2)
 
     # fine-tune from that checkpoint (the recipe's default init) and check the critic learns
     # with its own rollout noise: sigma is a fine-tune setting, the pretrain checkpoint's (0.1) must not override it
@@ -93,6 +101,8 @@ def test_gaussian_baseline_pretrain_and_finetune(demo_dir, tmp_path):
     rows = [r for r in metrics(tmp_path / "pretrain") if "loss" in r]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]  # NLL per dim falls
     assert json.loads((tmp_path / "pretrain/checkpoints/last/meta.json").read_text())["actor"] == "gaussian"
+    wrong = run_cli("eval", tmp_path / "pretrain", "--sigma", 0.1, check=False)
+    assert wrong.returncode != 0 and "--sigma needs a flow policy" in wrong.stderr
     # a flow fine-tune refuses the Gaussian checkpoint before any env starts
     wrong = run_cli("finetune", "recipes/pickcube.yaml", data, f"out_dir={tmp_path}", *TINY_PRETRAIN[-3:],
                     check=False)

@@ -86,26 +86,47 @@ def _write_videos(video_dir: str, frames: list, seeds: list[int]) -> None:
 
 def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, num_envs: int | None = None,
                         backend: str | None = None, video_dir: str | None = None,
-                        per_episode: bool = False) -> dict:
+                        per_episode: bool = False, stochastic: bool = False, sigma: float | None = None) -> dict:
+    """Evaluate a checkpoint's deterministic rollout, or with ``stochastic`` its noise-augmented one
+    (the fine-tune's behaviour policy; ``sigma`` replaces a flow policy's rollout noise)."""
     from flowmanip.envs import make_vector_env
     from flowmanip.train.checkpoint import load_checkpoint
     from flowmanip.train.pretrain import policy_from_checkpoint
 
     if episodes < 1:
         raise FlowmanipError(f"--episodes must be >= 1, got {episodes}")
+    if sigma is not None and sigma <= 0:
+        raise FlowmanipError(f"--sigma must be > 0, got {sigma}")
+    stochastic = stochastic or sigma is not None
     ckpt = load_checkpoint(path)
     recipe = ckpt["recipe"]
     policy = policy_from_checkpoint(ckpt)
+    if sigma is not None:
+        if not hasattr(policy.actor, "reset_sigma"):
+            raise FlowmanipError(f"{ckpt['path']}: --sigma needs a flow policy, this checkpoint has a "
+                                 f"{ckpt['meta'].get('actor', 'flow')} actor")
+        policy.actor.reset_sigma(sigma)
+    if stochastic:
+        torch.manual_seed(seed)  # the rollout noise, so that a stochastic evaluation repeats
+
+        def act(obs):
+            return policy.act(obs, deterministic=False)
+    else:
+        act = policy.act
     env = make_vector_env(recipe.env, num_envs or min(recipe.env.num_eval_envs, episodes),
                           backend or recipe.env.backend)
     try:
         policy.to(env.device)
         check_env_matches_spec(env, ckpt["spec"], env.reset(), ckpt["path"])
-        result = evaluate_policy(policy.act, env, episodes, recipe.env.max_episode_steps,
+        result = evaluate_policy(act, env, episodes, recipe.env.max_episode_steps,
                                  recipe.policy.execute or recipe.policy.chunk, seed, video_dir,
                                  per_episode=per_episode)
     finally:
         env.close()
+    if stochastic:
+        result["stochastic"] = True
+        if sigma is not None:
+            result["sigma"] = sigma
     result["checkpoint"] = ckpt["path"]
     result["step"] = ckpt["meta"]["step"]
     return result
