@@ -114,3 +114,20 @@ def test_finetune_rejects_bad_init_before_any_env_starts(tmp_path):
         assert "Traceback" not in proc.stderr and needle in proc.stderr, proc.stderr
         assert "sapien" not in proc.stderr.lower()  # failed before ManiSkill made an env
         assert not (tmp_path / "run").exists()
+
+
+def test_init_check_ignores_settings_the_network_does_not_use(tmp_path):
+    """A Flow-G checkpoint made when Flow-T's memory-token default was 1 still fine-tunes; shapes still must match."""
+    from flowmanip.train.checkpoint import load_checkpoint
+    from flowmanip.train.finetune import check_init_matches
+
+    recipe = load_recipe(os.path.join(REPO, "recipes/pickcube.yaml"))
+    ckpt = load_checkpoint(_checkpoint_for(tmp_path / "g", ["policy.decoder_memory_tokens=1", "policy.encoder_dim=64"]))
+    check_init_matches(ckpt["meta"], recipe, ckpt["path"], 42, ckpt["recipe"].policy)  # gated, identity encoder
+    ckpt = load_checkpoint(_checkpoint_for(tmp_path / "h", ["policy.hidden_dim=256"]))
+    with pytest.raises(FlowmanipError, match="policy.hidden_dim=256, the recipe wants 512"):
+        check_init_matches(ckpt["meta"], recipe, ckpt["path"], 42, ckpt["recipe"].policy)
+    flowt = load_recipe(os.path.join(REPO, "recipes/pickcube_flowt.yaml"))
+    ckpt = load_checkpoint(_checkpoint_for(tmp_path / "t", ["policy.velocity=decoded", "policy.decoder_memory_tokens=1"]))
+    with pytest.raises(FlowmanipError, match="policy.decoder_memory_tokens=1, the recipe wants 4"):
+        check_init_matches(ckpt["meta"], flowt, ckpt["path"], 42, ckpt["recipe"].policy)

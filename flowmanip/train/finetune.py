@@ -27,8 +27,18 @@ def resolve_init(recipe) -> str | None:
 
 
 # policy keys that decide the shapes of the weights an init checkpoint must load into
-ARCHITECTURE_KEYS = ("velocity", "hidden_dim", "num_layers", "decoder_layers", "decoder_heads", "decoder_dim",
-                     "decoder_tokens", "decoder_memory_tokens", "encoder", "encoder_dim", "cnn_channels", "sigma_mode")
+def architecture_keys(policy_cfg, actor: str, rgb: bool) -> list[str]:
+    """The policy settings that shape the network (settings a network does not use may differ)."""
+    keys = ["velocity", "sigma_mode"]
+    if actor == "gaussian" or policy_cfg.velocity != "decoded":
+        keys += ["hidden_dim", "num_layers"]
+    else:
+        keys += ["decoder_layers", "decoder_heads", "decoder_dim", "decoder_tokens", "decoder_memory_tokens"]
+    if rgb:
+        keys += ["cnn_channels", "encoder_dim"]
+    else:
+        keys += ["encoder"] + (["encoder_dim"] if policy_cfg.encoder != "identity" else [])
+    return keys
 
 
 def check_init_matches(meta: dict, recipe, source: str, obs_dim: int | None, init_policy) -> None:
@@ -37,7 +47,7 @@ def check_init_matches(meta: dict, recipe, source: str, obs_dim: int | None, ini
                       ("obs_mode", recipe.env.obs_mode), ("chunk", recipe.policy.chunk)):
         if meta.get(key) != want:
             raise FlowmanipError(f"{source}: init checkpoint has {key}={meta.get(key)!r}, the recipe wants {want!r}")
-    for key in ARCHITECTURE_KEYS:
+    for key in architecture_keys(init_policy, meta.get("actor", "flow"), bool(meta.get("rgb_shape"))):
         have, want = getattr(init_policy, key), getattr(recipe.policy, key)
         if have != want:
             raise FlowmanipError(f"{source}: init checkpoint has policy.{key}={have!r}, the recipe wants {want!r} "
@@ -135,11 +145,11 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             raise FlowmanipError(f"finetune.init: {init_path} does not exist; run `flowmanip pretrain` first, "
                                  "or set finetune.init=none to train from scratch")
         init_ckpt = load_checkpoint(init_path)
-        check_init_matches(init_ckpt["meta"], recipe, init_ckpt["path"],
-                           episodes[0].obs["state"].shape[-1] if episodes else None, init_ckpt["recipe"].policy)
         if init_ckpt["meta"].get("actor", "flow") != cfg.actor:
             raise FlowmanipError(f"{init_ckpt['path']}: init checkpoint has a {init_ckpt['meta'].get('actor')} actor, "
                                  f"finetune.actor is {cfg.actor!r}")
+        check_init_matches(init_ckpt["meta"], recipe, init_ckpt["path"],
+                           episodes[0].obs["state"].shape[-1] if episodes else None, init_ckpt["recipe"].policy)
     if is_main:
         prepare_stage_dir(stage_dir, resume, overwrite)
     accelerator.wait_for_everyone()
