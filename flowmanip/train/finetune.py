@@ -26,9 +26,9 @@ def resolve_init(recipe) -> str | None:
     return None if init.lower() in ("none", "scratch", "") else init
 
 
-# policy keys that decide the shapes of the weights an init checkpoint must load into
 def architecture_keys(policy_cfg, actor: str, rgb: bool) -> list[str]:
-    """The policy settings that shape the network (settings a network does not use may differ)."""
+    """The policy settings that shape the weights an init checkpoint must load into (settings the
+    network does not use, such as Flow-T's for a Flow-G checkpoint, may differ)."""
     keys = ["velocity", "sigma_mode"]
     if actor == "gaussian" or policy_cfg.velocity != "decoded":
         keys += ["hidden_dim", "num_layers"]
