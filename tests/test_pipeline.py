@@ -51,11 +51,10 @@ def test_pickcube_pretrain_eval_finetune(demo_dir, tmp_path):
     assert sum(e["success_once"] for e in episodes) / 3 == pytest.approx(result["success_once"])
     assert sum(e["return"] for e in episodes) / 3 == pytest.approx(result["return_mean"])
     assert result["failed_seeds"] == [e["seed"] for e in episodes if not e["success_once"]]
+
     # the noise-augmented rollout: with a vanishing sigma it is the deterministic one, with a large one it is not
-    def stochastic_eval(sigma):
-        out = run_cli("eval", stage, "--episodes", 3, "--json", "--sigma", sigma).stdout.strip().splitlines()[-1]
-        return json.loads(out)
-    quiet, loud = stochastic_eval(1e-6), stochastic_eval(3.0)
+    quiet, loud = (json.loads(run_cli("eval", stage, "--episodes", 3, "--json", "--sigma", sigma)
+                              .stdout.strip().splitlines()[-1]) for sigma in (1e-6, 3.0))
     assert quiet["stochastic"] and quiet["sigma"] == 1e-6
     assert quiet["return_mean"] == pytest.approx(result["return_mean"], rel=1e-2)
     assert loud["return_mean"] != pytest.approx(result["return_mean"], rel=1e-2)
@@ -66,7 +65,8 @@ def test_pickcube_pretrain_eval_finetune(demo_dir, tmp_path):
             "policy.sigma=0.05")
     stage = out / "finetune"
     rows = metrics(stage)
-    assert all(r["sigma"] == pytest.approx(0.05) for r in rows if "sigma" in r)
+    sigmas = [r["sigma"] for r in rows if "sigma" in r]
+    assert sigmas and all(v == pytest.approx(0.05) for v in sigmas), sigmas
     evals = [r for r in rows if "eval/success_once" in r]
     assert [r["step"] for r in evals] == [0, 480]
     logged = [r for r in rows if "critic_loss" in r]
