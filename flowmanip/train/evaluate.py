@@ -102,9 +102,9 @@ def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, num_envs:
     recipe = ckpt["recipe"]
     policy = policy_from_checkpoint(ckpt)
     if sigma is not None:
-        if not hasattr(policy.actor, "reset_sigma"):
-            raise FlowmanipError(f"{ckpt['path']}: --sigma needs a flow policy, this checkpoint has a "
-                                 f"{ckpt['meta'].get('actor', 'flow')} actor")
+        actor = ckpt["meta"].get("actor", "flow")  # as policy_from_checkpoint reads it
+        if actor != "flow":
+            raise FlowmanipError(f"{ckpt['path']}: --sigma needs a flow policy, this checkpoint has a {actor} actor")
         policy.actor.reset_sigma(sigma)
     if stochastic:
         torch.manual_seed(seed)  # the rollout noise, so that a stochastic evaluation repeats
