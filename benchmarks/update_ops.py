@@ -1,0 +1,114 @@
+"""How many torch ops one fine-tune update dispatches, per recipe: why a GPU learner is launch-bound.
+
+    python benchmarks/update_ops.py [--recipes recipes/pickcube.yaml recipes/pickcube_flowt.yaml]
+        [--obs-dim 42 --action-dim 4] [--repeats 20] [--name update_ops]
+
+One update is what the fine-tune loop does per critic update with the actor following:
+critic loss (the next action sampled through K flow steps, target critic), backward, clip,
+Adam, Polyak targets; then the actor loss (K-step rollout, BC and anchor terms), backward,
+clip, Adam. The batch is random (the op count does not depend on the values). Counted with
+torch.profiler on the CPU:
+
+- ``aten_calls``: every aten op dispatched, nested ones included (the Python and C++
+  dispatch cost scales with this);
+- ``compute_ops``: leaf ops that compute, i.e. without views, reshapes and allocations
+  (on a GPU each is about one kernel launch).
+
+``cpu_ms_per_update`` is the median wall time of one update on the CPU with one thread, for
+scale. The defaults are PickCube-v1's state obs (42) and ``pd_ee_delta_pos`` actions (4).
+Writes results/<name>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import table, write  # noqa: E402
+
+NOT_COMPUTE = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::view", "aten::as_strided",
+               "aten::t", "aten::transpose", "aten::reshape", "aten::_reshape_alias", "aten::expand",
+               "aten::unsqueeze", "aten::squeeze", "aten::permute", "aten::detach", "aten::alias", "aten::select",
+               "aten::slice", "aten::unbind", "aten::split", "aten::chunk", "aten::resolve_conj",
+               "aten::resolve_neg", "aten::_unsafe_view", "aten::lift_fresh", "aten::result_type", "aten::flatten"}
+
+
+def build(recipe_path: str, obs_dim: int, action_dim: int):
+    from flowmanip.algos.sac_flow import SACFlow
+    from flowmanip.config import load_recipe
+    from flowmanip.models.policy import Policy, build_critic
+
+    r = load_recipe(recipe_path, [])
+    spec = {"obs_dim": obs_dim, "obs_mean": [0.0] * obs_dim, "obs_std": [1.0] * obs_dim, "action_dim": action_dim,
+            "action_low": [-1.0] * action_dim, "action_high": [1.0] * action_dim,
+            "env_low": [-1.0] * action_dim, "env_high": [1.0] * action_dim, "rgb_shape": None}
+    policy = Policy(spec, r.policy, r.finetune.actor)
+    agent = SACFlow(policy, build_critic(policy.encoder.out_dim, spec, r.policy, r.finetune), r.finetune)
+    B, d = r.finetune.batch_size, policy.actor.dim
+    batch = {"obs": {"state": torch.randn(B, obs_dim)}, "next_obs": {"state": torch.randn(B, obs_dim)},
+             "action": torch.rand(B, d) * 2 - 1, "reward": torch.rand(B),
+             "discount": torch.full((B,), r.finetune.gamma ** r.policy.chunk), "terminated": torch.zeros(B, dtype=torch.bool)}
+    demos = {"obs": {"state": torch.randn(B, obs_dim)}, "action": torch.rand(B, d) * 2 - 1}
+    critic_opt = torch.optim.Adam(agent.critic_parameters(), lr=r.finetune.lr_critic)
+    actor_opt = torch.optim.Adam(agent.actor_parameters(), lr=r.finetune.lr_actor)
+    clip = r.finetune.grad_clip
+
+    def update():
+        loss, _ = agent.critic_loss(batch)
+        critic_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(agent.critic_parameters(), clip)
+        critic_opt.step()
+        agent.update_targets()
+        loss, _, _ = agent.actor_loss(batch, demos, r.finetune.bc_weight)
+        actor_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(agent.actor_parameters(), clip)
+        actor_opt.step()
+
+    return r, update
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipes", nargs="+", default=["recipes/pickcube.yaml", "recipes/pickcube_flowt.yaml"])
+    parser.add_argument("--obs-dim", type=int, default=42)
+    parser.add_argument("--action-dim", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--name", default="update_ops")
+    args = parser.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rows = []
+    for path in args.recipes:
+        recipe, update = build(path, args.obs_dim, args.action_dim)
+        update()  # first call allocates optimiser state
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            update()
+        aten = [e for e in prof.events() if e.name.startswith("aten::")]
+        leaves = [e for e in aten if not any(c.name.startswith("aten::") for c in e.cpu_children)]
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            update()
+            times.append(time.perf_counter() - start)
+        rows.append({"recipe": path, "velocity": recipe.policy.velocity, "flow_steps": recipe.policy.flow_steps,
+                     "batch_size": recipe.finetune.batch_size, "aten_calls": len(aten),
+                     "compute_ops": sum(e.name not in NOT_COMPUTE for e in leaves),
+                     "cpu_ms_per_update": round(1000 * statistics.median(times), 1)})
+    columns = list(rows[0])
+    print(table(rows, columns))
+    print(f"wrote {write(args.results, args.name, {'obs_dim': args.obs_dim, 'action_dim': args.action_dim, 'rows': rows})}")
+
+
+if __name__ == "__main__":
+    main()
