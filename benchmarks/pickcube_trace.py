@@ -37,8 +37,10 @@ def trace(policy, env, seed: int, horizon: int) -> dict:
             distance = float(torch.linalg.norm(task.goal_site.pose.p - task.cube.pose.p))
             steps.append({"reward": float(reward), "grasped": bool(info["is_grasped"]), "distance": distance,
                           "static": bool(info["is_robot_static"]), "success": bool(info["success"])})
+    def first(key):
+        return next((t for t, s in enumerate(steps) if s[key]), None)
+
     closest = min(range(horizon), key=lambda t: steps[t]["distance"])
-    first = lambda key: next((t for t, s in enumerate(steps) if s[key]), None)  # noqa: E731
     return {"seed": seed, "first_grasp": first("grasped"), "closest_m": round(steps[closest]["distance"], 4),
             "closest_at": closest, "final_m": round(steps[-1]["distance"], 4), "final_static": steps[-1]["static"],
             "first_success": first("success"), "return": round(sum(s["reward"] for s in steps), 2)}
