@@ -4,9 +4,10 @@
 
 For each seed (the same seeds ``flowmanip eval`` uses, so the failed seeds from
 ``flowmanip eval --per-episode`` can be traced) it runs the deterministic policy for the
-recipe's horizon on ``physx_cpu`` and reports: the first step the cube is grasped, the
-closest the cube came to the goal and when, the distance at the end, whether the robot is
-static at the end, the first success step and the return. PickCube counts a success when
+recipe's horizon on ``physx_cpu``, executing as many actions per decision as ``flowmanip
+eval`` does, and reports: the first step the cube is grasped, the closest the cube came to
+the goal and when, the distance at the end, whether the robot is static at the end, the
+first success step and the return. PickCube counts a success when
 the cube is within 2.5 cm of the goal and the robot is static. Writes results/<name>.json.
 """
 
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import table, write  # noqa: E402
 
 
-def trace(policy, env, seed: int, horizon: int) -> dict:
+def trace(policy, env, seed: int, horizon: int, execute: int) -> dict:
     from flowmanip.envs.vector import obs_to_numpy
 
     raw, _ = env.reset(seed=seed)
@@ -32,11 +33,12 @@ def trace(policy, env, seed: int, horizon: int) -> dict:
         obs = {k: torch.as_tensor(v)[None] for k, v in obs_to_numpy(raw).items()}
         with torch.no_grad():
             chunk = policy.act(obs)[0].numpy()
-        for action in chunk[: horizon - len(steps)]:
+        for action in chunk[:execute][: horizon - len(steps)]:
             raw, reward, _, _, info = env.step(action)
             distance = float(torch.linalg.norm(task.goal_site.pose.p - task.cube.pose.p))
             steps.append({"reward": float(reward), "grasped": bool(info["is_grasped"]), "distance": distance,
                           "static": bool(info["is_robot_static"]), "success": bool(info["success"])})
+
     def first(key):
         return next((t for t, s in enumerate(steps) if s[key]), None)
 
@@ -74,7 +76,8 @@ def main():
     policy = policy_from_checkpoint(ckpt)
     env = gym.make(recipe.env.id, **env_kwargs(recipe.env, "physx_cpu"))
     try:
-        rows = [trace(policy, env, seed, recipe.env.max_episode_steps) for seed in args.seeds]
+        execute = recipe.policy.execute or recipe.policy.chunk  # actions run per decision, as flowmanip eval does
+        rows = [trace(policy, env, seed, recipe.env.max_episode_steps, execute) for seed in args.seeds]
     finally:
         env.close()
     print(table(rows, list(rows[0])))
