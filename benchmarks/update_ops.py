@@ -6,7 +6,8 @@
 One update is what the fine-tune loop does per critic update with the actor following:
 critic loss (the next action sampled through K flow steps, target critic), backward, clip,
 Adam, Polyak targets; then the actor loss (K-step rollout, BC and anchor terms), backward,
-clip, Adam. The batch is random (the op count does not depend on the values). Counted with
+clip, Adam; both optimiser steps through the loop's own ``optimizer_step`` (which also reads
+the gradient norm back for the log). Drawing the batch is not counted. The batch is random (the op count does not depend on the values). Counted with
 torch.profiler on the CPU:
 
 - ``aten_calls``: every aten op dispatched, nested ones included (the Python and C++
@@ -40,9 +41,12 @@ NOT_COMPUTE = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::
 
 
 def build(recipe_path: str, obs_dim: int, action_dim: int):
+    from accelerate import Accelerator
+
     from flowmanip.algos.sac_flow import SACFlow
     from flowmanip.config import load_recipe
     from flowmanip.models.policy import Policy, build_critic
+    from flowmanip.train.finetune import optimizer_step
 
     r = load_recipe(recipe_path, [])
     spec = {"obs_dim": obs_dim, "obs_mean": [0.0] * obs_dim, "obs_std": [1.0] * obs_dim, "action_dim": action_dim,
@@ -57,20 +61,15 @@ def build(recipe_path: str, obs_dim: int, action_dim: int):
     demos = {"obs": {"state": torch.randn(B, obs_dim)}, "action": torch.rand(B, d) * 2 - 1}
     critic_opt = torch.optim.Adam(agent.critic_parameters(), lr=r.finetune.lr_critic)
     actor_opt = torch.optim.Adam(agent.actor_parameters(), lr=r.finetune.lr_actor)
+    accelerator = Accelerator(cpu=True)
     clip = r.finetune.grad_clip
 
-    def update():
+    def update():  # the fine-tune loop's steps, through its own optimizer_step
         loss, _ = agent.critic_loss(batch)
-        critic_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(agent.critic_parameters(), clip)
-        critic_opt.step()
+        optimizer_step(accelerator, critic_opt, loss, agent.critic_parameters(), clip)
         agent.update_targets()
         loss, _, _ = agent.actor_loss(batch, demos, r.finetune.bc_weight)
-        actor_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(agent.actor_parameters(), clip)
-        actor_opt.step()
+        optimizer_step(accelerator, actor_opt, loss, agent.actor_parameters(), clip)
 
     return r, update
 
