@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the noise-augmented rollout (the fine-tune's behaviour policy), noise seeded by --seed")
     p.add_argument("--sigma", type=float, default=None,
                    help="flow policies: rollout noise per flow step for --stochastic (default: the checkpoint's)")
+    p.add_argument("--flow-steps", type=int, default=None, metavar="K",
+                   help="flow policies: Euler steps of the rollout (default: the checkpoint's K; flow matching "
+                        "trains on continuous t, so any K >= 1 is a valid solver)")
     p.add_argument("--per-episode", metavar="FILE.json",
                    help="also write one record per episode (seed, success_once, success_at_end, return) here")
 
@@ -103,7 +106,7 @@ def _run(args) -> int:
         result = evaluate_checkpoint(args.checkpoint, episodes=args.episodes, seed=args.seed, num_envs=args.num_envs,
                                      backend=args.backend, video_dir=args.video,
                                      per_episode=args.per_episode is not None, stochastic=args.stochastic,
-                                     sigma=args.sigma)
+                                     sigma=args.sigma, flow_steps=args.flow_steps)
         if args.per_episode:
             from flowmanip.utils import atomic_output
 

@@ -58,6 +58,12 @@ def test_pickcube_pretrain_eval_finetune(demo_dir, tmp_path):
     assert quiet["stochastic"] and quiet["sigma"] == 1e-6
     assert quiet["return_mean"] == pytest.approx(result["return_mean"], rel=1e-2)
     assert loud["return_mean"] != pytest.approx(result["return_mean"], rel=1e-2)
+    # more Euler steps of the same field at inference: another deterministic rollout; K < 1 is refused
+    fine = json.loads(run_cli("eval", stage, "--episodes", 3, "--json", "--flow-steps", 16).stdout.strip().splitlines()[-1])
+    assert fine["flow_steps"] == 16 and "stochastic" not in fine
+    assert fine["return_mean"] != pytest.approx(result["return_mean"], rel=1e-4)
+    wrong = run_cli("eval", stage, "--flow-steps", 0, check=False)
+    assert wrong.returncode != 0 and "--flow-steps must be >= 1, got 0" in wrong.stderr
 
     # fine-tune from that checkpoint (the recipe's default init) and check the critic learns
     # with its own rollout noise: sigma is a fine-tune setting, the pretrain checkpoint's (0.1) must not override it
@@ -103,6 +109,8 @@ def test_gaussian_baseline_pretrain_and_finetune(demo_dir, tmp_path):
     assert json.loads((tmp_path / "pretrain/checkpoints/last/meta.json").read_text())["actor"] == "gaussian"
     wrong = run_cli("eval", tmp_path / "pretrain", "--sigma", 0.1, check=False)
     assert wrong.returncode != 0 and "--sigma needs a flow policy" in wrong.stderr
+    wrong = run_cli("eval", tmp_path / "pretrain", "--flow-steps", 8, check=False)
+    assert wrong.returncode != 0 and "--flow-steps needs a flow policy" in wrong.stderr
     # a flow fine-tune refuses the Gaussian checkpoint before any env starts
     wrong = run_cli("finetune", "recipes/pickcube.yaml", data, f"out_dir={tmp_path}", *TINY_PRETRAIN[-3:],
                     check=False)

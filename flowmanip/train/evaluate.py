@@ -86,9 +86,11 @@ def _write_videos(video_dir: str, frames: list, seeds: list[int]) -> None:
 
 def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, num_envs: int | None = None,
                         backend: str | None = None, video_dir: str | None = None,
-                        per_episode: bool = False, stochastic: bool = False, sigma: float | None = None) -> dict:
+                        per_episode: bool = False, stochastic: bool = False, sigma: float | None = None,
+                        flow_steps: int | None = None) -> dict:
     """Evaluate a checkpoint's deterministic rollout, or with ``stochastic`` its noise-augmented one
-    (the fine-tune's behaviour policy; ``sigma`` replaces a flow policy's rollout noise)."""
+    (the fine-tune's behaviour policy; ``sigma`` replaces a flow policy's rollout noise, ``flow_steps``
+    its number of Euler steps K)."""
     from flowmanip.envs import make_vector_env
     from flowmanip.train.checkpoint import load_checkpoint
     from flowmanip.train.pretrain import policy_from_checkpoint
@@ -97,6 +99,8 @@ def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, num_envs:
         raise FlowmanipError(f"--episodes must be >= 1, got {episodes}")
     if sigma is not None and sigma <= 0:
         raise FlowmanipError(f"--sigma must be > 0, got {sigma}")
+    if flow_steps is not None and flow_steps < 1:
+        raise FlowmanipError(f"--flow-steps must be >= 1, got {flow_steps}")
     stochastic = stochastic or sigma is not None
     ckpt = load_checkpoint(path)
     recipe = ckpt["recipe"]
@@ -106,6 +110,11 @@ def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, num_envs:
         if actor != "flow":
             raise FlowmanipError(f"{ckpt['path']}: --sigma needs a flow policy, this checkpoint has a {actor} actor")
         policy.actor.reset_sigma(sigma)
+    if flow_steps is not None:
+        actor = ckpt["meta"].get("actor", "flow")
+        if actor != "flow":
+            raise FlowmanipError(f"{ckpt['path']}: --flow-steps needs a flow policy, this checkpoint has a {actor} actor")
+        policy.actor.flow_steps = flow_steps
     if stochastic:
         torch.manual_seed(seed)  # the rollout noise, so that a stochastic evaluation repeats
 
@@ -127,6 +136,8 @@ def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, num_envs:
         result["stochastic"] = True
         if sigma is not None:
             result["sigma"] = sigma
+    if flow_steps is not None:
+        result["flow_steps"] = flow_steps
     result["checkpoint"] = ckpt["path"]
     result["step"] = ckpt["meta"]["step"]
     return result
