@@ -105,15 +105,13 @@ def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, num_envs:
     ckpt = load_checkpoint(path)
     recipe = ckpt["recipe"]
     policy = policy_from_checkpoint(ckpt)
+    actor = ckpt["meta"].get("actor", "flow")  # as policy_from_checkpoint reads it
+    for option, value in (("--sigma", sigma), ("--flow-steps", flow_steps)):
+        if value is not None and actor != "flow":
+            raise FlowmanipError(f"{ckpt['path']}: {option} needs a flow policy, this checkpoint has a {actor} actor")
     if sigma is not None:
-        actor = ckpt["meta"].get("actor", "flow")  # as policy_from_checkpoint reads it
-        if actor != "flow":
-            raise FlowmanipError(f"{ckpt['path']}: --sigma needs a flow policy, this checkpoint has a {actor} actor")
         policy.actor.reset_sigma(sigma)
     if flow_steps is not None:
-        actor = ckpt["meta"].get("actor", "flow")
-        if actor != "flow":
-            raise FlowmanipError(f"{ckpt['path']}: --flow-steps needs a flow policy, this checkpoint has a {actor} actor")
         policy.actor.flow_steps = flow_steps
     if stochastic:
         torch.manual_seed(seed)  # the rollout noise, so that a stochastic evaluation repeats
