@@ -7,6 +7,7 @@ paths (``pretrain.steps=2000``). Every error names the key and what was expected
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Optional
@@ -107,7 +108,9 @@ class FinetuneConfig:
     lr_alpha: float = 3e-4
     init_alpha: float = 0.01
     target_entropy: Optional[float] = None  # default: -d, d = action_dim * H (the chunk's dimension)
-    learn_alpha: bool = True
+    # learn alpha towards target_entropy; off by default because with policy.sigma_mode=fixed the flow's
+    # entropy has a ceiling set by sigma and K, below -d at the defaults (see flow_entropy_ceiling)
+    learn_alpha: bool = False
     num_q: int = 2
     q_aggregation: str = "min"
     q_hidden_dim: int = 256
@@ -215,6 +218,39 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
+def flow_entropy_ceiling(policy: PolicyConfig) -> float:
+    """Largest entropy per action dimension a fixed-sigma flow rollout can have, in nats.
+
+    With a fixed sigma each of the K steps adds ``sigma eps`` whatever the weights, so the
+    path's entropy estimate ``-E log pi`` is at most ``K (c + log sigma)`` plus the start's
+    ``c + log init_std`` (c = (1 + log 2 pi) / 2); the tanh correction only lowers it. A
+    learned temperature whose target lies above this ceiling can only grow.
+    """
+    c = 0.5 * (1.0 + math.log(2 * math.pi))
+    start = c + math.log(policy.init_std) if policy.init_std > 0 else 0.0
+    return policy.flow_steps * (c + math.log(policy.sigma)) + start
+
+
+def check_reachable_entropy(r: Recipe, d: int | None, source: str) -> None:
+    """Refuse a learned temperature the fixed-sigma flow can never satisfy (``d``: chunk dim, if known)."""
+    p, f = r.policy, r.finetune
+    if f.actor != "flow" or p.sigma_mode != "fixed" or not f.learn_alpha:
+        return
+    ceiling = flow_entropy_ceiling(p)
+    target = -1.0 if f.target_entropy is None else None  # the default target is -1 per dimension
+    if target is None:
+        if d is None:
+            return
+        target = f.target_entropy / d
+    if target >= ceiling:
+        raise FlowmanipError(
+            f"{source}: finetune.learn_alpha=true with policy.sigma_mode=fixed cannot work: the flow's entropy "
+            f"is at most {ceiling:.2f} nats per action dimension (policy.sigma={p.sigma}, "
+            f"policy.flow_steps={p.flow_steps}, policy.init_std={p.init_std}), below the target "
+            f"{target:.2f}, so alpha would grow without bound; set policy.sigma_mode=learned, "
+            "finetune.learn_alpha=false, or a lower finetune.target_entropy")
+
+
 def validate(r: Recipe, source: str) -> None:
     for key, choices in CHOICES.items():
         section, name = key.split(".")
@@ -249,6 +285,7 @@ def validate(r: Recipe, source: str) -> None:
         raise FlowmanipError(f"{source}: finetune.gamma and finetune.tau must be in (0, 1]")
     if r.policy.decoder_dim % r.policy.decoder_heads:
         raise FlowmanipError(f"{source}: policy.decoder_dim must be divisible by policy.decoder_heads")
+    check_reachable_entropy(r, None, source)  # the default target; an explicit one is checked once d is known
 
 
 def to_yaml(r: Recipe) -> str:

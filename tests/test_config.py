@@ -25,19 +25,38 @@ def _flatten(d, prefix=""):
     return out
 
 
-def test_a_recipe_with_a_base_changes_only_its_own_keys(tmp_path):
-    """recipes/pickcube_flowt.yaml names recipes/pickcube.yaml as its base: every other key is the base's."""
+@pytest.mark.parametrize("name, changed", [("pickcube_flowt.yaml", {"policy.velocity": "decoded",
+                                                                     "pretrain.steps": 30000}),
+                                           ("pickcube_rgb.yaml", {"env.obs_mode": "rgb", "pretrain.steps": 20000})])
+def test_a_recipe_with_a_base_changes_only_its_own_keys(name, changed):
+    """These recipes name recipes/pickcube.yaml as their base: every key they do not set is the base's."""
     import yaml
 
-    path = os.path.join(REPO, "recipes", "pickcube_flowt.yaml")
-    with open(path) as f:
+    with open(os.path.join(REPO, "recipes", name)) as f:
         own = _flatten(yaml.safe_load(f))
     assert own.pop("base") == "pickcube.yaml"
-    base, flowt = (_flatten(to_dict(load_recipe(os.path.join(REPO, "recipes", f))))
-                   for f in ("pickcube.yaml", "pickcube_flowt.yaml"))
-    assert flowt["policy.velocity"] == "decoded" and flowt["pretrain.steps"] == 30000 and "base" not in flowt
-    assert {k: flowt[k] for k in own} == own  # the file's own keys win
-    assert {k: v for k, v in flowt.items() if k not in own} == {k: v for k, v in base.items() if k not in own}
+    base, child = (_flatten(to_dict(load_recipe(os.path.join(REPO, "recipes", f)))) for f in ("pickcube.yaml", name))
+    assert {k: child[k] for k in changed} == changed and "base" not in child
+    assert {k: child[k] for k in own} == own  # the file's own keys win
+    assert {k: v for k, v in child.items() if k not in own} == {k: v for k, v in base.items() if k not in own}
+
+
+def test_a_learned_temperature_the_fixed_sigma_flow_cannot_reach_is_refused():
+    """Fixed sigma caps the flow's entropy (config.flow_entropy_ceiling); a target above it makes alpha diverge."""
+    pickcube = os.path.join(REPO, "recipes/pickcube.yaml")
+    with pytest.raises(FlowmanipError) as err:  # K = 4, sigma = 0.1, A_0 = 0: at most -3.53 nats per dim < -1
+        load_recipe(pickcube, ["finetune.learn_alpha=true"])
+    assert "finetune.learn_alpha=true with policy.sigma_mode=fixed" in str(err.value) and "-3.53" in str(err.value)
+    for fix in ("policy.sigma_mode=learned", "finetune.actor=gaussian", "policy.sigma=1.0"):
+        load_recipe(pickcube, ["finetune.learn_alpha=true", fix])  # reachable: no error
+    # an explicit target is checked against d = H x action_dim once the env has given the action dim
+    r = load_recipe(pickcube, ["finetune.learn_alpha=true", "policy.sigma=1.0", "finetune.target_entropy=-40"])
+    from flowmanip.config import check_reachable_entropy
+
+    check_reachable_entropy(r, 32, "r")  # -1.25 per dim against a ceiling of 5.68 (K = 4, sigma = 1)
+    r.policy.sigma = 0.1
+    with pytest.raises(FlowmanipError, match="below the target -1.25"):
+        check_reachable_entropy(r, 32, "r")
 
 
 @pytest.mark.parametrize("text, needle", [

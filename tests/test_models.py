@@ -15,10 +15,31 @@ from flowmanip.models.policy import Policy
 from flowmanip.models.velocity import GatedVelocity
 
 
+def act_cfg(velocity="mlp", K=4, H=1, sigma=0.3, **kw):
+    return PolicyConfig(velocity=velocity, flow_steps=K, chunk=H, hidden_dim=32, num_layers=2, decoder_dim=32,
+                        decoder_heads=4, sigma=sigma, **kw)
+
+
 def actor(velocity="mlp", K=4, H=1, A=2, z_dim=6, sigma=0.3, **kw):
-    cfg = PolicyConfig(velocity=velocity, flow_steps=K, chunk=H, hidden_dim=32, num_layers=2, decoder_dim=32,
-                       decoder_heads=4, sigma=sigma, **kw)
-    return FlowActor(z_dim, A, cfg)
+    return FlowActor(z_dim, A, act_cfg(velocity, K, H, sigma, **kw))
+
+
+@pytest.mark.parametrize("init_std", [1.0, 0.0])
+def test_fixed_sigma_entropy_is_the_ceiling_the_config_checks(init_std):
+    """Without the tanh term, -E log pi of a fixed-sigma rollout is flow_entropy_ceiling per dim, whatever the weights."""
+    from flowmanip.config import flow_entropy_ceiling
+    from flowmanip.models.flow_policy import tanh_log_det
+
+    torch.manual_seed(0)
+    act = actor(velocity="gated", K=4, A=4, sigma=0.3, init_std=init_std)
+    with torch.no_grad():
+        action, log_prob, _ = act.sample(torch.randn(8192, 6))
+        pre_tanh = torch.atanh(action.clamp(-1 + 1e-7, 1 - 1e-7).double())
+        entropy = -(log_prob.double() + tanh_log_det(pre_tanh)).mean().item() / act.dim
+        with_tanh = -log_prob.mean().item() / act.dim
+    ceiling = flow_entropy_ceiling(act_cfg(sigma=0.3, init_std=init_std))
+    assert abs(entropy - ceiling) < 0.03, (entropy, ceiling)
+    assert with_tanh < ceiling - 0.05  # the squashing only lowers it
 
 
 @pytest.mark.parametrize("init_std", [1.0, 0.5, 0.0])

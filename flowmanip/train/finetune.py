@@ -14,7 +14,7 @@ import time
 import torch
 from tqdm import tqdm
 
-from flowmanip.config import load_recipe, to_yaml
+from flowmanip.config import check_reachable_entropy, load_recipe, to_yaml
 from flowmanip.errors import FlowmanipError
 from flowmanip.models.policy import Policy, build_critic
 
@@ -181,6 +181,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             policy.load_state_dict(w.get("policy_ema", w["policy"]))
             if cfg.actor == "flow":  # the noise is a fine-tune setting: this recipe's, not the init's
                 policy.actor.reset_sigma(recipe.policy.sigma)
+        check_reachable_entropy(recipe, policy.actor.dim, recipe_path)  # an explicit target needs d
         critic = build_critic(policy.encoder.out_dim, spec, recipe.policy, cfg).to(device)
         agent = SACFlow(policy, critic, cfg).to(device)
         actor_opt = torch.optim.Adam(agent.actor_parameters(), lr=cfg.lr_actor)
