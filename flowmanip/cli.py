@@ -92,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args) -> int:
+    from flowmanip.utils import check_output_file
+
+    for path in (getattr(args, "output", None), getattr(args, "per_episode", None)):
+        if path:  # before any work: a 100-episode eval should not end in "that is a directory"
+            check_output_file(path)
     if args.command == "pretrain":
         from flowmanip.train.pretrain import run_pretrain
 
@@ -142,8 +147,6 @@ def _run_demos(args) -> int:
                                  args.workers, args.camera_size, args.count)
         print(f"converted {r['episodes_out']}/{r['episodes_in']} episodes "
               f"{r['from_control_mode']} -> {r['control_mode']} ({r['obs_mode']} obs) to {r['path']}")
-        if r["episodes_out"] == 0:
-            raise FlowmanipError(f"{args.source}: no episode survived conversion to {args.control_mode}")
     elif args.demos_command == "to-robomimic":
         from flowmanip.data import read_maniskill, write_robomimic
 

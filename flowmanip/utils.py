@@ -8,13 +8,25 @@ import shutil
 import tempfile
 
 
+def check_output_file(path: str) -> None:
+    """Refuse an output path that is an existing directory (before any work is done)."""
+    from flowmanip.errors import FlowmanipError
+
+    if os.path.isdir(path):
+        raise FlowmanipError(f"{path} is a directory; expected the path of a file to write")
+
+
 @contextlib.contextmanager
-def atomic_output(path: str):
+def atomic_output(path: str, replace_dir: bool = False):
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
 
-    Works for files and directories: nothing half-written is ever left at ``path``.
+    Works for files and directories: nothing half-written is ever left at ``path``. An existing
+    directory at ``path`` is replaced only when ``replace_dir`` (checkpoints); otherwise it is an
+    error raised before any work, so a mistyped output path never deletes a folder.
     """
     path = os.path.abspath(path)
+    if not replace_dir:
+        check_output_file(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=".tmp-", dir=parent)

@@ -161,3 +161,55 @@ def test_obs_shape_mismatch_is_reported(demo_dir, tmp_path):
     proc = run_cli("pretrain", "recipes/pickcube.yaml", f"data.path={bad}", "pretrain.steps=1",
                    f"out_dir={tmp_path / 'run'}", check=False)
     _assert_user_error(proc, "short.hdf5", "42", "40")
+
+
+def test_malformed_files_give_one_error_naming_the_key(demo_dir, tmp_path):
+    """Files that parse as HDF5/JSON but break the layout: FlowmanipError naming file and key, no traceback."""
+    from flowmanip.errors import FlowmanipError
+
+    def copy(stem, ext):
+        dst = tmp_path / f"{stem}{ext}"
+        shutil.copy(demo_dir / f"pick_ee{ext}", dst)
+        if ext == ".h5":
+            shutil.copy(demo_dir / "pick_ee.json", tmp_path / f"{stem}.json")
+        return dst
+
+    def fails(path, *needles):
+        with pytest.raises(FlowmanipError) as err:
+            read_dataset(str(path))
+        for needle in needles:
+            assert needle in str(err.value), str(err.value)
+
+    no_id = copy("no_id", ".h5")  # a JSON episode without its id
+    info = json.loads((tmp_path / "no_id.json").read_text())
+    del info["episodes"][1]["episode_id"]
+    (tmp_path / "no_id.json").write_text(json.dumps(info))
+    fails(no_id, "no_id.json", "episodes[1]", "episode_id")
+
+    no_state = copy("no_state", ".h5")  # an obs dict with neither agent nor extra
+    with h5py.File(no_state, "r+") as f:
+        n = f["traj_0/obs"].shape[0]
+        del f["traj_0/obs"]
+        f["traj_0/obs/sensor_param/x"] = np.zeros((n, 3), np.float32)
+    fails(no_state, "no_state.h5:traj_0", "no state arrays")
+
+    wide = copy("wide", ".h5")  # one episode with a 5-dim action
+    with h5py.File(wide, "r+") as f:
+        a = f["traj_1/actions"][()]
+        del f["traj_1/actions"]
+        f["traj_1/actions"] = np.concatenate([a, a[:, :1]], axis=1)
+    fails(wide, "wide.h5:traj_1", "'actions' has shape [5]", "traj_0 has shape [4]")
+
+    no_next = copy("no_next", ".hdf5")  # robomimic obs key without its next_obs
+    with h5py.File(no_next, "r+") as f:
+        del f["data/demo_0/next_obs/state"]
+    fails(no_next, "no_next.hdf5:data/demo_0", "next_obs/state")
+
+
+def test_an_output_path_that_is_a_directory_is_refused_and_kept(demo_dir, tmp_path):
+    folder = tmp_path / "out.hdf5"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    _assert_user_error(run_cli("demos", "to-robomimic", demo_dir / "pick_ee.h5", "--output", folder, check=False),
+                       "out.hdf5 is a directory")
+    assert (folder / "keep.txt").read_text() == "mine"

@@ -10,6 +10,7 @@ import io
 import json
 import multiprocessing as mp
 import os
+import queue as queue_module
 import shutil
 import subprocess
 import sys
@@ -95,11 +96,19 @@ def generate_demos(env_id: str, out_path: str, num: int, seed_start: int = 0, wo
         attempts = solved = 0
         finished, kept = 0, 0
         with tqdm(total=num, desc=f"{env_id} demos", unit="demo", dynamic_ncols=True) as bar:
+            idle = 0
             while finished < workers:
                 try:
-                    kind, value = queue.get(timeout=600)
-                except Exception:
-                    raise FlowmanipError(f"demo generation for {env_id} stalled (no progress for 10 minutes)") from None
+                    kind, value = queue.get(timeout=5)
+                except queue_module.Empty:
+                    crashed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                    if crashed:  # e.g. a segfault in the planner (mplib with numpy 2): say so at once
+                        raise FlowmanipError(f"a demo worker for {env_id} crashed (exit code {crashed[0]})") from None
+                    idle += 5
+                    if idle >= 600:
+                        raise FlowmanipError(f"demo generation for {env_id} stalled (no progress for 10 minutes)")
+                    continue
+                idle = 0
                 if kind == "done":
                     finished += 1
                     kept += value
@@ -173,6 +182,9 @@ def replay_convert(src: str, out_path: str, control_mode: str, obs_mode: str = "
             raise FlowmanipError(f"{src}: ManiSkill replay to {control_mode}/{obs_mode} failed: {' | '.join(tail)}")
         with open(json_path_for(produced)) as f:
             converted = len(json.load(f)["episodes"])
+        if converted == 0:  # nothing worth writing: leave out_path as it was
+            raise FlowmanipError(f"{src}: no episode survived conversion to {control_mode}/{obs_mode} "
+                                 "(ManiSkill's replay keeps only episodes that still succeed)")
         os.replace(produced, out_path)
         os.replace(json_path_for(produced), json_path_for(out_path))
     finally:

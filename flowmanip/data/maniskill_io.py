@@ -64,6 +64,11 @@ def flatten_obs_tree(tree, is_h5: bool = False) -> dict[str, np.ndarray]:
         for cam in sorted(tree["sensor_data"].keys()):
             if "rgb" in tree["sensor_data"][cam]:
                 rgb_parts.append(np.asarray(tree["sensor_data"][cam]["rgb"][()] if is_h5 else tree["sensor_data"][cam]["rgb"]))
+    if not state_parts:
+        raise ValueError("no state arrays under obs/agent or obs/extra")
+    lengths = {part.shape[0] for part in state_parts + rgb_parts}
+    if len(lengths) > 1:
+        raise ValueError(f"obs arrays have different lengths {sorted(lengths)}")
     out = {"state": np.concatenate(state_parts, axis=-1)}
     if rgb_parts:
         out["rgb"] = np.concatenate(rgb_parts, axis=-1).astype(np.uint8)
@@ -103,7 +108,7 @@ def read_maniskill_meta(h5_path: str) -> tuple[DatasetMeta, dict]:
 
 def read_maniskill(h5_path: str, max_episodes: int | None = None) -> tuple[DatasetMeta, list[Episode]]:
     """Load a ManiSkill ``.h5`` (+ ``.json``) file. Raises FlowmanipError on bad files."""
-    from flowmanip.data.validate import check_episode, open_h5
+    from flowmanip.data.validate import check_episode, check_same_shapes, open_h5
 
     meta, info = read_maniskill_meta(h5_path)
     episodes = []
@@ -113,7 +118,9 @@ def read_maniskill(h5_path: str, max_episodes: int | None = None) -> tuple[Datas
             json_eps = json_eps[:max_episodes]
         if not json_eps:
             raise FlowmanipError(f"{h5_path}: the dataset has no episodes")
-        for ep in json_eps:
+        for i, ep in enumerate(json_eps):
+            if not isinstance(ep, dict) or "episode_id" not in ep:
+                raise FlowmanipError(f"{json_path_for(h5_path)}: episodes[{i}] has no 'episode_id'")
             key = f"traj_{ep['episode_id']}"
             where = f"{h5_path}:{key}"
             if key not in f:
@@ -121,9 +128,9 @@ def read_maniskill(h5_path: str, max_episodes: int | None = None) -> tuple[Datas
             g = f[key]
             for required in ("actions", "obs"):
                 if required not in g:
-                    raise FlowmanipError(f"{where}: missing key '{required}'" + (
-                        " (recorded with obs_mode='none'; convert it with tools/convert_demos.py -o state)"
-                        if required == "obs" else ""))
+                    hint = (" (recorded with obs_mode='none'; convert it, e.g. "
+                            "tools/convert_demos.py replay FILE -o state -c pd_ee_delta_pos)")
+                    raise FlowmanipError(f"{where}: missing key '{required}'" + (hint if required == "obs" else ""))
             try:
                 if isinstance(g["obs"], h5py.Group) and len(g["obs"]) == 0:
                     raise FlowmanipError(
@@ -138,9 +145,10 @@ def read_maniskill(h5_path: str, max_episodes: int | None = None) -> tuple[Datas
                 rewards = np.asarray(g["rewards"][()], dtype=np.float32) if "rewards" in g else None
                 terminated = np.asarray(g["terminated"][()], dtype=bool) if "terminated" in g else np.zeros(T, bool)
                 success = np.asarray(g["success"][()], dtype=bool) if "success" in g else None
-            except (OSError, KeyError) as e:
+            except (OSError, KeyError, ValueError) as e:
                 raise FlowmanipError(f"{where}: cannot read episode data ({e})") from None
             episode = Episode(obs, actions, rewards, terminated, success, seed=ep.get("episode_seed"))
             check_episode(episode, where)
             episodes.append(episode)
+    check_same_shapes(episodes, [f"traj_{ep['episode_id']}" for ep in json_eps], h5_path)
     return meta, episodes

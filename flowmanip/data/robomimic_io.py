@@ -13,7 +13,7 @@ import json
 import numpy as np
 
 from flowmanip.data.maniskill_io import DatasetMeta, Episode
-from flowmanip.data.validate import check_episode, open_h5
+from flowmanip.data.validate import check_episode, check_same_shapes, open_h5
 from flowmanip.errors import FlowmanipError
 from flowmanip.utils import atomic_output
 
@@ -87,7 +87,12 @@ def read_robomimic(path: str, max_episodes: int | None = None) -> tuple[DatasetM
                 raise FlowmanipError(f"{where}: missing key 'obs/state'")
             obs = {}
             for k in g["obs"].keys():
-                obs[k] = np.concatenate([g["obs"][k][()], g["next_obs"][k][-1:]])
+                if k not in g["next_obs"]:
+                    raise FlowmanipError(f"{where}: 'obs/{k}' has no matching 'next_obs/{k}'")
+                try:
+                    obs[k] = np.concatenate([g["obs"][k][()], g["next_obs"][k][-1:]])
+                except ValueError as e:
+                    raise FlowmanipError(f"{where}: 'obs/{k}' and 'next_obs/{k}' do not fit together ({e})") from None
             obs["state"] = obs["state"].astype(np.float32)
             actions = np.asarray(g["actions"][()], dtype=np.float32)
             rewards = np.asarray(g["rewards"][()], dtype=np.float32) if has_rewards and "rewards" in g else None
@@ -99,6 +104,7 @@ def read_robomimic(path: str, max_episodes: int | None = None) -> tuple[DatasetM
             ep = Episode(obs, actions, rewards, terminated, success, seed)
             check_episode(ep, where)
             episodes.append(ep)
+        check_same_shapes(episodes, [f"data/{k}" for k in demo_keys], path)
     try:
         env_meta = robomimic_files.get_env_metadata_from_dataset(path)
         kwargs = env_meta.get("env_kwargs", {})

@@ -44,7 +44,7 @@ def save_checkpoint(stage_dir: str, step: int, recipe, spec: dict, weights: dict
         "obs_dim": spec["obs_dim"], "rgb_shape": spec["rgb_shape"], "action_dim": spec["action_dim"],
         **(extra_meta or {}),
     }
-    with atomic_output(path) as tmp:
+    with atomic_output(path, replace_dir=True) as tmp:
         os.makedirs(tmp)
         torch.save({"meta": meta, "spec": spec, "config": to_dict(recipe), "weights": weights},
                    os.path.join(tmp, "policy.pt"))
