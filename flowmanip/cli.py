@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="measure success in ManiSkill (ManiSkill's evaluation rules)")
     p.add_argument("checkpoint", help="checkpoint directory (…/checkpoints/last) or a run stage directory")
-    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--episodes", type=int, default=None, help="default: the recipe's eval.episodes (100)")
     p.add_argument("--seed", type=int, default=0, help="episode seeds are seed, seed+1, ...")
     p.add_argument("--num-envs", type=int, default=None, help="parallel eval envs (default: the recipe's)")
     p.add_argument("--backend", choices=["auto", "gpu", "cpu"], default=None)

@@ -134,8 +134,8 @@ class FinetuneConfig:
 
 @dataclass
 class EvalConfig:
-    episodes: int = 100
-    seed: int = 0
+    episodes: int = 100  # `flowmanip eval`'s default --episodes
+    seed: int = 0  # evaluation episodes use seeds seed, seed + 1, ... (training evals and `flowmanip eval`)
 
 
 @dataclass
@@ -162,20 +162,21 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def _omegaconf_error(e, source: str) -> FlowmanipError:
+def _omegaconf_error(e, source: str, key_hint: str = "?") -> FlowmanipError:
     from omegaconf.errors import ConfigKeyError, ValidationError
 
-    key = getattr(e, "full_key", None) or "?"
+    key = getattr(e, "full_key", None) or key_hint
     if isinstance(e, ConfigKeyError):
         return FlowmanipError(f"{source}: unknown config key '{key}'")
     if isinstance(e, ValidationError):
         return FlowmanipError(f"{source}: bad value for '{key}': {str(e).splitlines()[0]}")
-    return FlowmanipError(f"{source}: {str(e).splitlines()[0]}")
+    where = f"'{key}': " if key != "?" else ""
+    return FlowmanipError(f"{source}: {where}{str(e).splitlines()[0]}")
 
 
 def _recipe_layers(path: str, seen: tuple) -> list:
     """The YAML of ``path`` after that of its ``base:`` recipe (a path relative to the file), recursively."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     if not os.path.isfile(path):
         raise FlowmanipError(f"{seen[-1] + ': base ' if seen else ''}{path}: recipe file not found")
@@ -185,7 +186,10 @@ def _recipe_layers(path: str, seen: tuple) -> list:
         loaded = OmegaConf.load(path)
     except Exception as e:
         raise FlowmanipError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    base = loaded.pop("base", None) if hasattr(loaded, "pop") else None
+    if not isinstance(loaded, DictConfig):
+        raise FlowmanipError(f"{path}: a recipe maps sections to settings (env:, policy:, ...), "
+                             f"got a YAML {type(loaded).__name__.replace('Config', '').lower()}")
+    base = loaded.pop("base", None)
     if base is None:
         return [loaded]
     if not isinstance(base, str):
@@ -212,8 +216,11 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> Recipe:
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
-            raise _omegaconf_error(e, f"override '{item}'") from None
-    recipe: Recipe = OmegaConf.to_object(cfg)
+            raise _omegaconf_error(e, f"override '{item}'", item.split("=", 1)[0]) from None
+    try:  # interpolations (${...}) resolve here
+        recipe: Recipe = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(e, path or "<recipe>") from None
     validate(recipe, path or "<recipe>")
     return recipe
 
@@ -267,12 +274,36 @@ def validate(r: Recipe, source: str) -> None:
         "finetune.actor_delay": r.finetune.actor_delay, "finetune.buffer_size": r.finetune.buffer_size,
         "policy.decoder_memory_tokens": r.policy.decoder_memory_tokens,
     }
+    p, pt, ft = r.policy, r.pretrain, r.finetune
+    positive.update({
+        "env.camera_size": r.env.camera_size, "eval.episodes": r.eval.episodes,
+        "policy.hidden_dim": p.hidden_dim, "policy.num_layers": p.num_layers, "policy.decoder_layers": p.decoder_layers,
+        "policy.decoder_heads": p.decoder_heads, "policy.decoder_dim": p.decoder_dim,
+        "policy.encoder_dim": p.encoder_dim, "policy.cnn_channels": p.cnn_channels,
+        "pretrain.steps": pt.steps, "pretrain.log_every": pt.log_every, "pretrain.save_every": pt.save_every,
+        "finetune.total_env_steps": ft.total_env_steps, "finetune.log_every": ft.log_every,
+        "finetune.save_every": ft.save_every, "finetune.q_hidden_dim": ft.q_hidden_dim, "finetune.q_layers": ft.q_layers,
+    })
+    if r.data is not None and r.data.max_episodes is not None:
+        positive["data.max_episodes"] = r.data.max_episodes
     for key, value in positive.items():
         if value < 1:
             raise FlowmanipError(f"{source}: {key} must be >= 1, got {value}")
-    for key in ("critic_warmup", "learning_starts", "random_warmup"):
-        if getattr(r.finetune, key) < 0:
-            raise FlowmanipError(f"{source}: finetune.{key} must be >= 0, got {getattr(r.finetune, key)}")
+    non_negative = {f"finetune.{k}": getattr(ft, k) for k in ("critic_warmup", "learning_starts", "random_warmup",
+                                                              "eval_every", "eval_episodes", "anchor_weight",
+                                                              "bc_weight", "bc_decay_steps")}
+    non_negative.update({"pretrain.eval_every": pt.eval_every, "pretrain.eval_episodes": pt.eval_episodes,
+                         "pretrain.weight_decay": pt.weight_decay})
+    for key, value in non_negative.items():
+        if value < 0:
+            raise FlowmanipError(f"{source}: {key} must be >= 0 (0 turns it off), got {value}")
+    rates = {"pretrain.lr": pt.lr, "finetune.lr_actor": ft.lr_actor, "finetune.lr_critic": ft.lr_critic,
+             "finetune.lr_alpha": ft.lr_alpha, "finetune.init_alpha": ft.init_alpha}
+    for key, value in rates.items():
+        if value <= 0:
+            raise FlowmanipError(f"{source}: {key} must be > 0, got {value}")
+    if not 0 <= pt.ema < 1:
+        raise FlowmanipError(f"{source}: pretrain.ema must be in [0, 1) (0 turns it off), got {pt.ema}")
     if r.policy.init_std < 0 or r.policy.sigma <= 0:
         raise FlowmanipError(f"{source}: policy.init_std must be >= 0 and policy.sigma > 0")
     if r.finetune.utd <= 0:

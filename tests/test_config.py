@@ -60,11 +60,12 @@ def test_a_learned_temperature_the_fixed_sigma_flow_cannot_reach_is_refused():
 
 
 @pytest.mark.parametrize("text, needle", [
+    ("- env\n- policy\n", "a recipe maps sections to settings (env:, policy:, ...), got a YAML list"),
     ("base: nowhere.yaml\n", "nowhere.yaml: recipe file not found"),
     ("base: me.yaml\n", "chain loops back"),
     ("base: [1, 2]\n", "base must be the path of another recipe"),
 ])
-def test_a_bad_base_is_one_error(tmp_path, text, needle):
+def test_a_bad_recipe_file_is_one_error(tmp_path, text, needle):
     (tmp_path / "me.yaml").write_text(text)
     with pytest.raises(FlowmanipError) as err:
         load_recipe(str(tmp_path / "me.yaml"))
@@ -85,6 +86,15 @@ def test_overrides_are_typed():
     ("finetune.utd=0", "finetune.utd must be > 0"),
     ("nonsense", "expected key=value"),
     ("device=tpu", "device='tpu' is not one of ['auto', 'cpu', 'cuda']"),
+    ("pretrain.log_every=0", "pretrain.log_every must be >= 1, got 0"),  # used to divide by zero mid-run
+    ("finetune.save_every=0", "finetune.save_every must be >= 1, got 0"),
+    ("data.max_episodes=-1", "data.max_episodes must be >= 1, got -1"),  # used to drop the last episode
+    ("policy.hidden_dim=0", "policy.hidden_dim must be >= 1, got 0"),
+    ("finetune.eval_every=-5", "finetune.eval_every must be >= 0 (0 turns it off), got -5"),
+    ("finetune.lr_critic=-0.001", "finetune.lr_critic must be > 0"),
+    ("pretrain.ema=1.5", "pretrain.ema must be in [0, 1)"),
+    ("pretrain.steps=${nowhere}", "'pretrain.steps': Interpolation key 'nowhere' not found"),
+    ("env=3", "bad value for 'env'"),
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(FlowmanipError, match=None) as err:
@@ -114,7 +124,7 @@ def test_bad_recipe_files(tmp_path):
         load_recipe(str(bad))
 
 
-def _checkpoint_for(tmp_path, overrides, obs_dim=42):
+def _checkpoint_for(tmp_path, overrides, obs_dim=42, training_state=None):
     """A real (untrained) checkpoint saved for a recipe with the given overrides."""
     from flowmanip.models.policy import Policy
     from flowmanip.train.checkpoint import save_checkpoint
@@ -124,13 +134,14 @@ def _checkpoint_for(tmp_path, overrides, obs_dim=42):
             "action_low": [-1.0] * 4, "action_high": [1.0] * 4, "env_low": [-1.0] * 4, "env_high": [1.0] * 4,
             "rgb_shape": None}
     policy = Policy(spec, recipe.policy)
-    return save_checkpoint(str(tmp_path), 1, recipe, spec, {"policy": policy.state_dict()}, None, "pretrain")
+    return save_checkpoint(str(tmp_path), 1, recipe, spec, {"policy": policy.state_dict()}, training_state,
+                           "pretrain")
 
 
 def test_finetune_rejects_bad_init_before_any_env_starts(tmp_path):
     cases = [
         ([f"finetune.init={tmp_path / 'nope'}"], "does not exist"),
-        ([f"finetune.init={_checkpoint_for(tmp_path / 'a', ['env.id=PushCube-v1'])}"], "env_id='PushCube-v1'"),
+        ([f"finetune.init={_checkpoint_for(tmp_path / 'a', ['env.id=PushCube-v1'])}"], "env.id='PushCube-v1'"),
         ([f"finetune.init={_checkpoint_for(tmp_path / 'b', ['policy.chunk=4'])}"], "chunk=4"),
         ([f"finetune.init={_checkpoint_for(tmp_path / 'c', [], obs_dim=40)}"], "obs_dim 40"),
         ([f"finetune.init={_checkpoint_for(tmp_path / 'd', ['policy.velocity=decoded', 'policy.decoder_tokens=chunk'])}",
@@ -147,10 +158,26 @@ def test_finetune_rejects_bad_init_before_any_env_starts(tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_resume_refuses_a_changed_network_or_a_corrupt_state_before_any_env_starts(tmp_path):
+    ckpt = _checkpoint_for(tmp_path / "run" / "finetune", [], training_state={"updates": 0})
+    _checkpoint_for(tmp_path / "run" / "pretrain", [], training_state={"step": 1})
+    for stage in ("pretrain", "finetune"):
+        proc = run_cli(stage, "--resume", "recipes/pickcube.yaml", f"out_dir={tmp_path / 'run'}",
+                       "policy.hidden_dim=256", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "the run to resume has policy.hidden_dim=512, the recipe wants 256" in proc.stderr, proc.stderr
+        assert "sapien" not in proc.stderr.lower()
+    with open(os.path.join(ckpt, "training_state.pt"), "wb") as f:
+        f.write(b"not a torch file")
+    proc = run_cli("finetune", "--resume", "recipes/pickcube.yaml", f"out_dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "training_state.pt: cannot load training state" in proc.stderr and "cannot resume" in proc.stderr
+
+
 def test_init_check_ignores_settings_the_network_does_not_use(tmp_path):
     """A Flow-G checkpoint made when Flow-T's memory-token default was 1 still fine-tunes; shapes still must match."""
     from flowmanip.train.checkpoint import load_checkpoint
-    from flowmanip.train.finetune import check_init_matches
+    from flowmanip.train.checkpoint import check_init_matches
 
     recipe = load_recipe(os.path.join(REPO, "recipes/pickcube.yaml"))
     ckpt = load_checkpoint(_checkpoint_for(tmp_path / "g", ["policy.decoder_memory_tokens=1", "policy.encoder_dim=64"]))

@@ -114,7 +114,7 @@ def test_gaussian_baseline_pretrain_and_finetune(demo_dir, tmp_path):
     # a flow fine-tune refuses the Gaussian checkpoint before any env starts
     wrong = run_cli("finetune", "recipes/pickcube.yaml", data, f"out_dir={tmp_path}", *TINY_PRETRAIN[-3:],
                     check=False)
-    assert wrong.returncode != 0 and "gaussian actor" in wrong.stderr
+    assert wrong.returncode != 0 and "init checkpoint has finetune.actor='gaussian'" in wrong.stderr
     run_cli("finetune", "recipes/pickcube.yaml", data, *gauss, *TINY_PRETRAIN[-3:], *TINY_FINETUNE)
     logged = [r for r in metrics(tmp_path / "finetune") if "critic_loss" in r]
     assert logged and "grad_A0" not in logged[-1]  # no flow states to differentiate

@@ -90,5 +90,45 @@ def load_checkpoint(path: str, with_training_state: bool = False) -> dict:
         ts = os.path.join(path, "training_state.pt")
         if not os.path.isfile(ts):
             raise FlowmanipError(f"{path}: has no training_state.pt, cannot resume from it")
-        ckpt["training_state"] = torch.load(ts, map_location="cpu", weights_only=False)
+        try:
+            ckpt["training_state"] = torch.load(ts, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise FlowmanipError(f"{ts}: cannot load training state ({type(e).__name__}: {e}; "
+                                 "truncated or corrupt?), cannot resume from it") from None
     return ckpt
+
+
+def architecture_keys(policy_cfg, actor: str, rgb: bool) -> list[str]:
+    """The policy settings that shape the weights an init checkpoint must load into (settings the
+    network does not use, such as Flow-T's for a Flow-G checkpoint, may differ)."""
+    keys = ["velocity", "sigma_mode"]
+    if actor == "gaussian" or policy_cfg.velocity != "decoded":
+        keys += ["hidden_dim", "num_layers"]
+    else:
+        keys += ["decoder_layers", "decoder_heads", "decoder_dim", "decoder_tokens", "decoder_memory_tokens"]
+    if rgb:
+        keys += ["cnn_channels", "encoder_dim"]
+    else:
+        keys += ["encoder"] + (["encoder_dim"] if policy_cfg.encoder != "identity" else [])
+    return keys
+
+
+def check_init_matches(meta: dict, recipe, source: str, obs_dim: int | None, init_policy,
+                       what: str = "init checkpoint") -> None:
+    """A checkpoint to start from (``what``: an init checkpoint, or the run to resume) must be for the
+    same env, control mode, obs mode, action chunk, actor and network shapes as the recipe."""
+    for key, name, want in (("env_id", "env.id", recipe.env.id),
+                            ("control_mode", "env.control_mode", recipe.env.control_mode),
+                            ("obs_mode", "env.obs_mode", recipe.env.obs_mode),
+                            ("chunk", "policy.chunk", recipe.policy.chunk),
+                            ("actor", "finetune.actor", recipe.finetune.actor)):
+        have = meta.get(key, "flow" if key == "actor" else None)  # checkpoints before the Gaussian baseline
+        if have != want:
+            raise FlowmanipError(f"{source}: {what} has {name}={have!r}, the recipe wants {want!r}")
+    for key in architecture_keys(init_policy, meta.get("actor", "flow"), bool(meta.get("rgb_shape"))):
+        have, want = getattr(init_policy, key), getattr(recipe.policy, key)
+        if have != want:
+            raise FlowmanipError(f"{source}: {what} has policy.{key}={have!r}, the recipe wants {want!r} "
+                                 f"(set policy.{key}={have} to use it)")
+    if obs_dim is not None and meta["obs_dim"] != obs_dim:
+        raise FlowmanipError(f"{source}: {what} expects obs_dim {meta['obs_dim']}, the data has {obs_dim}")

@@ -84,18 +84,18 @@ def _write_videos(video_dir: str, frames: list, seeds: list[int]) -> None:
         imageio.mimsave(os.path.join(video_dir, f"seed{seed}.mp4"), clip, fps=20)
 
 
-def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, num_envs: int | None = None,
+def evaluate_checkpoint(path: str, episodes: int | None = None, seed: int = 0, num_envs: int | None = None,
                         backend: str | None = None, video_dir: str | None = None,
                         per_episode: bool = False, stochastic: bool = False, sigma: float | None = None,
                         flow_steps: int | None = None) -> dict:
     """Evaluate a checkpoint's deterministic rollout, or with ``stochastic`` its noise-augmented one
     (the fine-tune's behaviour policy; ``sigma`` replaces a flow policy's rollout noise, ``flow_steps``
-    its number of Euler steps K)."""
+    its number of Euler steps K). ``episodes`` defaults to the checkpoint recipe's ``eval.episodes``."""
     from flowmanip.envs import make_vector_env
     from flowmanip.train.checkpoint import load_checkpoint
     from flowmanip.train.pretrain import policy_from_checkpoint
 
-    if episodes < 1:
+    if episodes is not None and episodes < 1:
         raise FlowmanipError(f"--episodes must be >= 1, got {episodes}")
     if sigma is not None and sigma <= 0:
         raise FlowmanipError(f"--sigma must be > 0, got {sigma}")
@@ -104,6 +104,7 @@ def evaluate_checkpoint(path: str, episodes: int = 100, seed: int = 0, num_envs:
     stochastic = stochastic or sigma is not None
     ckpt = load_checkpoint(path)
     recipe = ckpt["recipe"]
+    episodes = episodes or recipe.eval.episodes
     policy = policy_from_checkpoint(ckpt)
     actor = ckpt["meta"].get("actor", "flow")  # as policy_from_checkpoint reads it
     for option, value in (("--sigma", sigma), ("--flow-steps", flow_steps)):

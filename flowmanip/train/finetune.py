@@ -26,36 +26,6 @@ def resolve_init(recipe) -> str | None:
     return None if init.lower() in ("none", "scratch", "") else init
 
 
-def architecture_keys(policy_cfg, actor: str, rgb: bool) -> list[str]:
-    """The policy settings that shape the weights an init checkpoint must load into (settings the
-    network does not use, such as Flow-T's for a Flow-G checkpoint, may differ)."""
-    keys = ["velocity", "sigma_mode"]
-    if actor == "gaussian" or policy_cfg.velocity != "decoded":
-        keys += ["hidden_dim", "num_layers"]
-    else:
-        keys += ["decoder_layers", "decoder_heads", "decoder_dim", "decoder_tokens", "decoder_memory_tokens"]
-    if rgb:
-        keys += ["cnn_channels", "encoder_dim"]
-    else:
-        keys += ["encoder"] + (["encoder_dim"] if policy_cfg.encoder != "identity" else [])
-    return keys
-
-
-def check_init_matches(meta: dict, recipe, source: str, obs_dim: int | None, init_policy) -> None:
-    """An init checkpoint must be for the same env, control mode, obs mode, action chunk and network shapes."""
-    for key, want in (("env_id", recipe.env.id), ("control_mode", recipe.env.control_mode),
-                      ("obs_mode", recipe.env.obs_mode), ("chunk", recipe.policy.chunk)):
-        if meta.get(key) != want:
-            raise FlowmanipError(f"{source}: init checkpoint has {key}={meta.get(key)!r}, the recipe wants {want!r}")
-    for key in architecture_keys(init_policy, meta.get("actor", "flow"), bool(meta.get("rgb_shape"))):
-        have, want = getattr(init_policy, key), getattr(recipe.policy, key)
-        if have != want:
-            raise FlowmanipError(f"{source}: init checkpoint has policy.{key}={have!r}, the recipe wants {want!r} "
-                                 f"(set policy.{key}={have} to fine-tune it)")
-    if obs_dim is not None and meta["obs_dim"] != obs_dim:
-        raise FlowmanipError(f"{source}: init checkpoint expects obs_dim {meta['obs_dim']}, the data has {obs_dim}")
-
-
 def batch_to(batch: dict, device) -> dict:
     """Move a batch (tensors and obs dicts of tensors) to ``device``."""
     return {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
@@ -107,7 +77,8 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
     from flowmanip.algos.sac_flow import SACFlow, flow_state_grad_norms
     from flowmanip.data.samples import DemoSamples, normalization_stats
     from flowmanip.envs import make_vector_env, resolve_backend
-    from flowmanip.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from flowmanip.train.checkpoint import (check_init_matches, load_checkpoint, rng_state, save_checkpoint,
+                                            set_rng_state)
     from flowmanip.train.evaluate import check_env_matches_spec, evaluate_policy
     from flowmanip.train.logger import MetricsLogger, plot_curves
     from flowmanip.train.pretrain import load_demos, prepare_stage_dir
@@ -145,11 +116,10 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             raise FlowmanipError(f"finetune.init: {init_path} does not exist; run `flowmanip pretrain` first, "
                                  "or set finetune.init=none to train from scratch")
         init_ckpt = load_checkpoint(init_path)
-        if init_ckpt["meta"].get("actor", "flow") != cfg.actor:
-            raise FlowmanipError(f"{init_ckpt['path']}: init checkpoint has a {init_ckpt['meta'].get('actor')} actor, "
-                                 f"finetune.actor is {cfg.actor!r}")
+    if init_ckpt is not None:
         check_init_matches(init_ckpt["meta"], recipe, init_ckpt["path"],
-                           episodes[0].obs["state"].shape[-1] if episodes else None, init_ckpt["recipe"].policy)
+                           episodes[0].obs["state"].shape[-1] if episodes else None, init_ckpt["recipe"].policy,
+                           what="the run to resume" if resume else "init checkpoint")
     if is_main:
         prepare_stage_dir(stage_dir, resume, overwrite)
     accelerator.wait_for_everyone()

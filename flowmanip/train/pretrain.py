@@ -66,7 +66,8 @@ def cosine_lr(step: int, total: int, warmup: int = 500, floor: float = 0.1) -> f
 def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overwrite: bool = False) -> dict:
     from flowmanip.data.samples import DemoSamples, normalization_stats
     from flowmanip.envs import make_vector_env
-    from flowmanip.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from flowmanip.train.checkpoint import (check_init_matches, load_checkpoint, rng_state, save_checkpoint,
+                                            set_rng_state)
     from flowmanip.train.evaluate import check_env_matches_spec, evaluate_policy
     from flowmanip.train.logger import MetricsLogger, plot_curves
     from flowmanip.utils import set_seed
@@ -76,17 +77,20 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
     stage_dir = os.path.join(recipe.out_dir, "pretrain")
     _, episodes = load_demos(recipe)
     prepare_stage_dir(stage_dir, resume, overwrite)
+    start_step, ckpt = 0, None
+    if resume:  # the run to continue must have this recipe's env and network shapes
+        ckpt = load_checkpoint(os.path.join(stage_dir, "checkpoints", "last"), with_training_state=True)
+        check_init_matches(ckpt["meta"], recipe, ckpt["path"], episodes[0].obs["state"].shape[-1],
+                           ckpt["recipe"].policy, what="the run to resume")
+        start_step = ckpt["meta"]["step"]
     set_seed(recipe.seed)
     device = device_for(recipe.device)
 
     env = make_vector_env(recipe.env, recipe.env.num_eval_envs, recipe.env.backend)
     logger = None
     try:
-        start_step, ckpt = 0, None
         if resume:
-            ckpt = load_checkpoint(os.path.join(stage_dir, "checkpoints", "last"), with_training_state=True)
             spec = ckpt["spec"]
-            start_step = ckpt["meta"]["step"]
         else:
             spec = normalization_stats(episodes, env.action_low.numpy(), env.action_high.numpy(),
                                        recipe.data.action_margin)
