@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="episode seeds are seed, seed+1, ...")
     p.add_argument("--num-envs", type=int, default=None, help="parallel eval envs (default: the recipe's)")
     p.add_argument("--backend", choices=["auto", "gpu", "cpu"], default=None)
-    p.add_argument("--video", metavar="DIR", help="write one MP4 per episode batch here")
+    p.add_argument("--video", metavar="DIR", help="write one MP4 per episode here (seed<S>.mp4)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--stochastic", action="store_true",
                    help="run the noise-augmented rollout (the fine-tune's behaviour policy), noise seeded by --seed")

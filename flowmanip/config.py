@@ -29,21 +29,21 @@ CHOICES = {
 
 @dataclass
 class EnvConfig:
-    id: str = "PickCube-v1"
-    control_mode: str = "pd_ee_delta_pos"
+    id: str = "PickCube-v1"  # ManiSkill task id
+    control_mode: str = "pd_ee_delta_pos"  # must match the demos' control mode
     obs_mode: str = "state"  # state | rgb (cameras + proprioception)
-    reward_mode: str = "normalized_dense"
+    reward_mode: str = "normalized_dense"  # online rewards; demo rewards must be in the same mode
     max_episode_steps: int = 100  # PickCube demos run 60-92 steps; the env default (50) cuts them off
     backend: str = "auto"  # auto: physx_cuda when CUDA is available, else physx_cpu worker processes
     num_envs: int = 2  # training envs (GPU: hundreds; CPU: one process each)
-    num_eval_envs: int = 2
+    num_eval_envs: int = 2  # separate envs for evaluation (main process only)
     camera_size: int = 64  # rgb only: camera width = height
 
 
 @dataclass
 class DataConfig:
-    path: str = "datasets/pickcube/pickcube_pd_ee_delta_pos.h5"
-    max_episodes: Optional[int] = None
+    path: str = "datasets/pickcube/pickcube_pd_ee_delta_pos.h5"  # ManiSkill .h5 (+ .json) or robomimic .hdf5
+    max_episodes: Optional[int] = None  # use only the first N episodes (null: all)
     action_margin: float = 0.05  # widen the data's action range by this fraction on each side
 
 
@@ -54,33 +54,33 @@ class PolicyConfig:
     chunk: int = 8  # H: actions predicted per decision
     execute: int = 0  # actions executed per decision before replanning (0 = all H)
     hidden_dim: int = 512  # velocity MLPs (mlp, gated); 512 fits PickCube far better than 256 (docs/benchmarks.md)
-    num_layers: int = 3
+    num_layers: int = 3  # hidden layers of the velocity MLPs
     decoder_layers: int = 2  # Flow-T
-    decoder_heads: int = 4
-    decoder_dim: int = 128
+    decoder_heads: int = 4  # Flow-T attention heads (must divide decoder_dim)
+    decoder_dim: int = 128  # Flow-T token width
     decoder_tokens: str = "single"  # Flow-T query tokens: single (one for the whole chunk, DESIGN.md) | chunk (one per step, H x compute)
     decoder_memory_tokens: int = 4  # Flow-T: the observation embedding as this many tokens (1: attention cannot see the query)
     encoder: str = "identity"  # state obs: identity (normalised state) | mlp
-    encoder_dim: int = 256
+    encoder_dim: int = 256  # features out of the mlp / rgb encoder
     cnn_channels: int = 32  # rgb encoder width
     sigma_mode: str = "fixed"  # noise of the SAC rollout: fixed | learned (state-conditioned head)
-    sigma: float = 0.1
+    sigma: float = 0.1  # noise std per flow step (fixed mode; the learned head's initial value)
     # std of A_0 in the noise-augmented (SAC) rollout: 1 samples N(0, I) as the paper does; 0 starts
     # at A_0 = 0 like the deterministic rollout used for eval, so SAC trains the policy it is scored on
     init_std: float = 1.0
-    log_sigma_min: float = -5.0
+    log_sigma_min: float = -5.0  # clamp of the learned head's log sigma
     log_sigma_max: float = 0.0
 
 
 @dataclass
 class PretrainConfig:
-    steps: int = 10000
+    steps: int = 10000  # gradient steps
     batch_size: int = 256
-    lr: float = 3e-4
+    lr: float = 3e-4  # AdamW, cosine schedule with warm-up
     weight_decay: float = 1e-6
     ema: float = 0.999  # EMA of weights used for eval/checkpoints (0 disables)
-    log_every: int = 100
-    eval_every: int = 5000
+    log_every: int = 100  # steps between metrics rows
+    eval_every: int = 5000  # steps between evaluations (0: none)
     eval_episodes: int = 20
     save_every: int = 5000
 
@@ -89,7 +89,7 @@ class PretrainConfig:
 class FinetuneConfig:
     init: Optional[str] = None  # default: out_dir/pretrain/checkpoints/last; "none" trains from scratch
     actor: str = "flow"  # flow (SAC Flow) | gaussian (tanh-Gaussian SAC baseline)
-    total_env_steps: int = 50000
+    total_env_steps: int = 50000  # online env steps, all envs and processes together
     learning_starts: int = 1000  # env steps before updates start
     random_warmup: int = 0  # env steps of uniform random actions (from-scratch runs)
     batch_size: int = 256
@@ -102,7 +102,7 @@ class FinetuneConfig:
     # absorbing state: every target bootstraps (demo transitions too). With dense rewards
     # in [0, 1] a terminal success would be worth less than hovering next to the goal.
     ignore_terminations: bool = True
-    tau: float = 0.005
+    tau: float = 0.005  # Polyak rate of the target critic and target encoder
     lr_actor: float = 3e-4
     lr_critic: float = 3e-4
     lr_alpha: float = 3e-4
@@ -111,15 +111,15 @@ class FinetuneConfig:
     # learn alpha towards target_entropy; off by default because with policy.sigma_mode=fixed the flow's
     # entropy has a ceiling set by sigma and K, below -d at the defaults (see flow_entropy_ceiling)
     learn_alpha: bool = False
-    num_q: int = 2
-    q_aggregation: str = "min"
-    q_hidden_dim: int = 256
+    num_q: int = 2  # critic ensemble size
+    q_aggregation: str = "min"  # min | mean over the ensemble, for targets and the actor
+    q_hidden_dim: int = 256  # critic MLP width (q_layers hidden layers)
     q_layers: int = 3
-    grad_clip: float = 10.0
-    buffer_size: int = 1000000
+    grad_clip: float = 10.0  # gradient-norm clip for actor and critic
+    buffer_size: int = 1000000  # online transitions kept per process (demos are held apart)
     demo_fraction: Optional[float] = 0.5  # RLPD-style share of demos per batch; None = uniform over the union
-    bc_type: str = "flow_matching"
-    bc_weight: float = 1.0
+    bc_type: str = "flow_matching"  # BC term on demo batches: flow_matching | action_mse | none
+    bc_weight: float = 1.0  # beta: weight of the BC term in the actor loss
     normalize_q: bool = True  # divide the SAC actor loss by mean |Q| so bc_weight is scale-free (as in TD3+BC, FQL)
     # weight of ||mu(s) - mu_0(s)||^2 on the batch's states: keeps the deterministic policy near the
     # initial (pretrained) one where demos do not constrain it (0 = off)
@@ -129,7 +129,7 @@ class FinetuneConfig:
     eval_every: int = 10000  # env steps
     eval_episodes: int = 20
     save_every: int = 10000
-    save_buffer: bool = False
+    save_buffer: bool = False  # store the replay buffer in checkpoints (large) so resume keeps it
 
 
 @dataclass
@@ -141,15 +141,15 @@ class EvalConfig:
 @dataclass
 class LoggingConfig:
     tensorboard: bool = True
-    wandb: bool = False
+    wandb: bool = False  # also log to wandb (WANDB_MODE=offline works without a network)
     wandb_project: str = "flowmanip"
 
 
 @dataclass
 class Recipe:
     name: str = "pickcube"
-    out_dir: str = "runs/pickcube"
-    seed: int = 0
+    out_dir: str = "runs/pickcube"  # stages write out_dir/pretrain and out_dir/finetune
+    seed: int = 0  # weights, env seeds (per rank) and sampling
     # where the networks train: auto = the GPU when CUDA is available (also under env.backend=cpu: CPU
     # simulation, GPU learner), else the CPU
     device: str = "auto"
@@ -282,7 +282,8 @@ def validate(r: Recipe, source: str) -> None:
         "policy.encoder_dim": p.encoder_dim, "policy.cnn_channels": p.cnn_channels,
         "pretrain.steps": pt.steps, "pretrain.log_every": pt.log_every, "pretrain.save_every": pt.save_every,
         "finetune.total_env_steps": ft.total_env_steps, "finetune.log_every": ft.log_every,
-        "finetune.save_every": ft.save_every, "finetune.q_hidden_dim": ft.q_hidden_dim, "finetune.q_layers": ft.q_layers,
+        "finetune.save_every": ft.save_every, "finetune.q_hidden_dim": ft.q_hidden_dim,
+        "finetune.q_layers": ft.q_layers,
     })
     if r.data is not None and r.data.max_episodes is not None:
         positive["data.max_episodes"] = r.data.max_episodes

@@ -41,8 +41,11 @@ def test_pickcube_pretrain_eval_finetune(demo_dir, tmp_path):
     assert meta["env_id"] == "PickCube-v1" and meta["control_mode"] == "pd_ee_delta_pos"
     assert meta["obs_dim"] == 42 and meta["action_dim"] == 4 and meta["step"] == 300
     per_episode = tmp_path / "episodes.json"
-    result = json.loads(run_cli("eval", stage, "--episodes", 3, "--json", "--per-episode", per_episode)
-                        .stdout.strip().splitlines()[-1])
+    videos = tmp_path / "videos"
+    result = json.loads(run_cli("eval", stage, "--episodes", 3, "--json", "--per-episode", per_episode,
+                                "--video", videos).stdout.strip().splitlines()[-1])
+    assert sorted(p.name for p in videos.iterdir()) == ["seed0.mp4", "seed1.mp4", "seed2.mp4"]  # not the padding
+    assert all(p.stat().st_size > 1000 for p in videos.iterdir())
     assert set(result) >= {"success_once", "success_at_end", "return_mean", "episodes", "failed_seeds"}
     assert result["episodes"] == 3 and 0 <= result["success_once"] <= 1
     # 3 episodes on 2 eval envs: two rounds, the fourth episode dropped; the records add up to the means

@@ -59,8 +59,8 @@ def evaluate_policy(act, env, episodes: int, horizon: int, execute: int, seed: i
         successes_end += success_last.tolist()
         returns += ret.tolist()
         all_seeds += seeds
-        if video_dir is not None:
-            _write_videos(video_dir, frames, seeds)
+        if video_dir is not None:  # the last round's padding envs beyond ``episodes`` get no video
+            _write_videos(video_dir, frames, seeds[: episodes - rnd * env.num_envs])
     n = episodes
     result = {
         "success_once": float(np.mean(successes_once[:n])),
