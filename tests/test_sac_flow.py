@@ -187,3 +187,28 @@ def test_gradient_diagnostics_cover_every_flow_state():
     loss, _, states = agent.actor_loss(batch(), keep_states=True)
     norms = flow_state_grad_norms(loss, states)
     assert len(norms) == 3 and all(n > 0 for n in norms)
+
+
+def test_both_bc_kinds_average_over_batch_and_dimensions():
+    """bc_weight must mean the same for either BC kind: both are per-dimension means."""
+    from flowmanip.algos.flow_matching import bc_loss
+    from flowmanip.models.flow_policy import ATANH_EPS
+
+    agent = make_agent()
+    z = torch.randn(6, agent.policy.encoder.out_dim)
+    demo = torch.rand(6, agent.actor.dim) * 2 - 1
+    torch.manual_seed(3)
+    loss = bc_loss(agent.actor, z, demo, "action_mse")
+    torch.manual_seed(3)  # the same rollout noise, by hand
+    action, _, _ = agent.actor.sample(z)
+    assert loss.item() == pytest.approx(((action - demo) ** 2).sum().item() / (6 * agent.actor.dim), rel=1e-6)
+    torch.manual_seed(4)
+    loss = bc_loss(agent.actor, z, demo, "flow_matching")
+    torch.manual_seed(4)
+    x1 = torch.atanh(demo.clamp(-1 + ATANH_EPS, 1 - ATANH_EPS))
+    x0 = torch.randn_like(x1)
+    t = torch.rand(6)
+    xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+    target = x1 - x0
+    by_hand = ((agent.actor.velocity(xt, t, z) - target) ** 2).sum() / (6 * agent.actor.dim)
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
