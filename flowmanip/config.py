@@ -124,7 +124,7 @@ class FinetuneConfig:
     # weight of ||mu(s) - mu_0(s)||^2 on the batch's states: keeps the deterministic policy near the
     # initial (pretrained) one where demos do not constrain it (0 = off)
     anchor_weight: float = 0.0
-    bc_decay_steps: int = 0  # linear decay of the BC weight to 0 over this many updates (0 = constant)
+    bc_decay_steps: int = 0  # BC weight decays linearly to 0 over this many updates after critic_warmup (0: off)
     log_every: int = 1000  # env steps
     eval_every: int = 10000  # env steps
     eval_episodes: int = 20

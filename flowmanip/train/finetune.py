@@ -297,7 +297,8 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                     if counters["updates"] % cfg.actor_delay == 0:
                         bc_weight = cfg.bc_weight
                         if cfg.bc_decay_steps > 0:
-                            bc_weight *= max(0.0, 1.0 - counters["updates"] / cfg.bc_decay_steps)
+                            since_warmup = counters["updates"] - cfg.critic_warmup  # the actor starts here
+                            bc_weight *= max(0.0, 1.0 - since_warmup / cfg.bc_decay_steps)
                         demo_batch = sample_demos(cfg.batch_size) if demos is not None and bc_weight > 0 else None
                         diagnose = is_main and counters["env_steps"] >= next_log and counters["update_budget"] < 1
                         actor_loss, actor_info, states = agent.actor_loss(batch, demo_batch, bc_weight, diagnose)
