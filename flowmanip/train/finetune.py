@@ -83,7 +83,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
     from flowmanip.train.logger import MetricsLogger, plot_curves
     from flowmanip.train.pretrain import load_demos, prepare_stage_dir
     from flowmanip.train.replay import ReplayBuffer, concat_batches
-    from flowmanip.utils import device_for, set_seed
+    from flowmanip.utils import atomic_output, device_for, set_seed
 
     recipe = load_recipe(recipe_path, overrides)
     cfg = recipe.finetune
@@ -204,7 +204,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
         execute = recipe.policy.execute or recipe.policy.chunk
         H, A = recipe.policy.chunk, spec["action_dim"]
         if is_main:
-            with open(os.path.join(stage_dir, "config.yaml"), "w") as f:
+            with atomic_output(os.path.join(stage_dir, "config.yaml")) as tmp, open(tmp, "w") as f:
                 f.write(to_yaml(recipe))
             logger = MetricsLogger(stage_dir, recipe, "finetune",
                                    resume_step=counters["env_steps"] if resume else None)
@@ -343,7 +343,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             save()
             import json
 
-            with open(os.path.join(stage_dir, "summary.json"), "w") as f:
+            with atomic_output(os.path.join(stage_dir, "summary.json")) as tmp, open(tmp, "w") as f:
                 json.dump(summary, f, indent=2)
             plot_curves(logger.path, os.path.join(stage_dir, "learning_curve.png"),
                         ["eval/success_once", "q_mean", "alpha", "critic_loss"], title=f"{recipe.name} finetune")

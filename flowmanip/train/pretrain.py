@@ -18,7 +18,7 @@ from tqdm import tqdm
 from flowmanip.config import load_recipe, to_yaml
 from flowmanip.errors import FlowmanipError
 from flowmanip.models.policy import Policy
-from flowmanip.utils import device_for
+from flowmanip.utils import atomic_output, device_for
 
 
 def load_demos(recipe):
@@ -95,7 +95,7 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
             spec = normalization_stats(episodes, env.action_low.numpy(), env.action_high.numpy(),
                                        recipe.data.action_margin)
         check_env_matches_spec(env, spec, env.reset(), recipe.data.path)
-        with open(os.path.join(stage_dir, "config.yaml"), "w") as f:
+        with atomic_output(os.path.join(stage_dir, "config.yaml")) as tmp, open(tmp, "w") as f:
             f.write(to_yaml(recipe))
 
         # finetune.actor=gaussian pretrains the Gaussian SAC baseline by Gaussian behaviour cloning
