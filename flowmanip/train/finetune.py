@@ -254,7 +254,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                 logger.log(counters["env_steps"], {f"eval/{k}": v for k, v in result.items()})
                 bar.write(f"env step {counters['env_steps']}: success_once={result['success_once']:.3f} "
                           f"success_at_end={result['success_at_end']:.3f} return={result['return_mean']:.2f}")
-                next_eval += cfg.eval_every
+                next_eval = (counters["env_steps"] // cfg.eval_every + 1) * cfg.eval_every  # one loop may pass several
             if counters["env_steps"] >= cfg.total_env_steps:
                 break
 
@@ -270,16 +270,22 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             buffer.add(obs, action, result.reward, result.discount, result.terminated, result.final_obs)
             obs = result.next_obs
             recent += result.episodes
-            new_steps = int(result.steps.sum()) * world
+            steps = result.steps.sum().to(device)
+            # ranks differ when chunks end early (terminations), and every rank must cross the same
+            # thresholds (learning starts, the end) at the same iteration, or their collectives mismatch
+            new_steps = int(accelerator.reduce(steps, "sum")) if world > 1 else int(steps)
             counters["env_steps"] += new_steps
             bar.update(new_steps)
 
             if not counters["obs_stats_set"] and counters["env_steps"] >= cfg.random_warmup:
                 states = accelerator.gather(buffer.obs["state"][:len(buffer)].to(device))
+                mean = states.mean(0)
+                # one state (one env, no warm-up) has no spread: leave that scale at 1
+                std = states.std(0).clamp(min=1e-3) if len(states) > 1 else torch.ones_like(mean)
                 for module in (policy.encoder, agent.target_encoder):
-                    module.normalizer.mean.copy_(states.mean(0))
-                    module.normalizer.std.copy_(states.std(0).clamp(min=1e-3))
-                spec["obs_mean"], spec["obs_std"] = states.mean(0).tolist(), states.std(0).clamp(min=1e-3).tolist()
+                    module.normalizer.mean.copy_(mean)
+                    module.normalizer.std.copy_(std)
+                spec["obs_mean"], spec["obs_std"] = mean.tolist(), std.tolist()
                 counters["obs_stats_set"] = True
 
             # learn: utd critic updates per collected transition
@@ -320,17 +326,17 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                                sigma=mean_sigma(policy, obs_dev),
                                env_steps_per_s=(counters["env_steps"] - steps_at_start) / max(elapsed, 1e-6),
                                updates_per_s=(counters["updates"] - updates_at_start) / max(elapsed, 1e-6))
-                    if recent:
+                    if recent:  # the main rank's training episodes
                         row["train/return"] = sum(e["return"] for e in recent) / len(recent)
                         row["train/success_once"] = sum(e["success_once"] for e in recent) / len(recent)
-                        recent = []
                     logger.log(counters["env_steps"], row)
                     bar.set_postfix(q=f"{row.get('q_mean', 0):.2f}", alpha=f"{row['alpha']:.3g}")
-                next_log += cfg.log_every
+                recent = []
+                next_log = (counters["env_steps"] // cfg.log_every + 1) * cfg.log_every
             if counters["env_steps"] >= next_save:
                 if is_main:
                     save()
-                next_save += cfg.save_every
+                next_save = (counters["env_steps"] // cfg.save_every + 1) * cfg.save_every
         bar.close()
         # parameters must be identical on every rank (gradients were averaged before each step)
         flat = torch.cat([p.detach().reshape(-1) for p in agent.parameters()]).to(device)

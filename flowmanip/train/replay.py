@@ -41,23 +41,32 @@ class ReplayBuffer:
                 "action": self.action[idx], "reward": self.reward[idx], "discount": self.discount[idx],
                 "terminated": self.terminated[idx]}
 
+    def _fields(self) -> dict:
+        return {**{f"obs/{k}": v for k, v in self.obs.items()}, **{f"next_obs/{k}": v for k, v in self.next_obs.items()},
+                "action": self.action, "reward": self.reward, "discount": self.discount, "terminated": self.terminated}
+
     def state_dict(self) -> dict:
+        """The stored transitions, oldest first (so a buffer of another capacity can load them)."""
         n = self.size
-        return {"obs": {k: v[:n].cpu() for k, v in self.obs.items()},
-                "next_obs": {k: v[:n].cpu() for k, v in self.next_obs.items()},
-                "action": self.action[:n].cpu(), "reward": self.reward[:n].cpu(), "discount": self.discount[:n].cpu(),
-                "terminated": self.terminated[:n].cpu(), "pos": self.pos}
+        order = (torch.arange(n, device=self.device) + (self.pos if n == self.capacity else 0)) % max(n, 1)
+        data = {k: v[order].cpu() for k, v in self._fields().items()}
+        return {"obs": {k[4:]: v for k, v in data.items() if k.startswith("obs/")},
+                "next_obs": {k[9:]: v for k, v in data.items() if k.startswith("next_obs/")},
+                **{k: v for k, v in data.items() if "/" not in k}, "pos": 0}
 
     def load_state_dict(self, state: dict) -> None:
+        """Load transitions saved by ``state_dict`` (older files: in ring order with their ``pos``); when
+        they do not fit, the newest ``capacity`` are kept. The next ``add`` continues after them."""
         n = state["action"].shape[0]
-        for k in self.obs:
-            self.obs[k][:n] = state["obs"][k].to(self.device)
-            self.next_obs[k][:n] = state["next_obs"][k].to(self.device)
-        self.action[:n] = state["action"].to(self.device)
-        self.reward[:n] = state["reward"].to(self.device)
-        self.discount[:n] = state["discount"].to(self.device)
-        self.terminated[:n] = state["terminated"].to(self.device)
-        self.size, self.pos = n, state["pos"]
+        order = (torch.arange(n) + state["pos"]) % max(n, 1)  # oldest first
+        keep = order[n - min(n, self.capacity):]
+        m = len(keep)
+        saved = {**{f"obs/{k}": v for k, v in state["obs"].items()},
+                 **{f"next_obs/{k}": v for k, v in state["next_obs"].items()},
+                 **{k: state[k] for k in ("action", "reward", "discount", "terminated")}}
+        for k, field in self._fields().items():
+            field[:m] = saved[k][keep].to(self.device)
+        self.size, self.pos = m, m % self.capacity
 
 
 def concat_batches(a: dict, b: dict) -> dict:
