@@ -164,6 +164,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                               obs, d, env.device)
         counters = {"env_steps": 0, "updates": 0, "update_budget": 0.0, "obs_stats_set": init_ckpt is not None
                     or episodes is not None}
+        learn_from = cfg.learning_starts
         if resume:
             agent.load_state_dict(init_ckpt["weights"]["agent"])
             ts = init_ckpt["training_state"]
@@ -173,6 +174,9 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             counters.update(ts["counters"])
             if "buffer" in ts:
                 buffer.load_state_dict(ts["buffer"])
+            else:  # collect learning_starts env steps again before updating, so that the first
+                # updates do not replay a handful of transitions over and over
+                learn_from = counters["env_steps"] + cfg.learning_starts
             set_rng_state(ts["rng"])
         torch.manual_seed(recipe.seed + 1000 * rank + counters["env_steps"])  # per-rank sampling and noise
 
@@ -289,7 +293,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                 counters["obs_stats_set"] = True
 
             # learn: utd critic updates per collected transition
-            if counters["env_steps"] >= cfg.learning_starts and len(buffer) >= 2:
+            if counters["env_steps"] >= learn_from and len(buffer) >= 2:
                 if not counters.get("critic_warmed", False):
                     # fit Q to the initial policy before the actor may follow it
                     for _ in tqdm(range(cfg.critic_warmup), desc="critic warm-up", leave=False,
