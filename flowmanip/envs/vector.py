@@ -217,12 +217,14 @@ class GpuVectorEnv:
         from mani_skill.vector.wrappers.gymnasium import ManiSkillVectorEnv
 
         kwargs = env_kwargs(env_cfg, sim_backend)
+        if sim_backend.startswith("physx_cuda:"):  # render on the simulating GPU too
+            kwargs["render_backend"] = "sapien_cuda:" + sim_backend.split(":")[1]
         try:
             env = gym.make(env_cfg.id, num_envs=num_envs, **kwargs)
         except Exception as e:  # e.g. SAPIEN trying to download its PhysX GPU library on an offline machine
             first = (str(e).splitlines() or [""])[0][:200]
             hint = (". physx_cuda needs SAPIEN's PhysX GPU library in ~/.sapien/physx (SAPIEN fetches it on first "
-                    "use); env.backend=cpu does not") if sim_backend == "physx_cuda" else ""
+                    "use); env.backend=cpu does not") if sim_backend.startswith("physx_cuda") else ""
             raise FlowmanipError(f"cannot make {env_cfg.id} on {sim_backend}: {type(e).__name__}: {first}{hint}") from e
         self.env = ManiSkillVectorEnv(env, num_envs, auto_reset=False, ignore_terminations=True, record_metrics=False)
         self.num_envs = num_envs
@@ -331,5 +333,7 @@ def make_vector_env(env_cfg, num_envs: int, backend: str = "auto"):
     if num_envs < 1:
         raise FlowmanipError(f"num_envs must be >= 1, got {num_envs}")
     if resolve_backend(backend) == "gpu":
-        return GpuVectorEnv(env_cfg, num_envs)
+        # the current CUDA device: Accelerate sets it to the process's local rank, so each rank
+        # simulates on its own GPU (plain "physx_cuda" would put every rank's scene on GPU 0)
+        return GpuVectorEnv(env_cfg, num_envs, f"physx_cuda:{torch.cuda.current_device()}")
     return CpuVectorEnv(env_cfg, num_envs)
