@@ -48,12 +48,16 @@ def run_variant(recipe, variant, seed, steps, out, overrides, scratch, results):
 
 def same_pretrain(run: str, recipe: str, overrides: list) -> bool:
     """Whether the pretrain run in ``run`` was made with this recipe's env, data, policy and pretrain settings."""
-    from flowmanip.config import load_recipe, to_dict
+    import yaml
+
+    from flowmanip.config import from_dict, load_recipe, to_dict
 
     saved = os.path.join(run, "config.yaml")
     if not os.path.exists(os.path.join(run, "checkpoints", "last")) or not os.path.exists(saved):
         return False
-    a, b = to_dict(load_recipe(saved)), to_dict(load_recipe(recipe, overrides))
+    with open(saved) as f:  # as written, without today's validation (only the weight-shaping keys matter)
+        a = to_dict(from_dict(yaml.safe_load(f)))
+    b = to_dict(load_recipe(recipe, overrides))
     for d in (a, b):  # evaluation settings do not change the weights
         d["pretrain"] = {k: v for k, v in d["pretrain"].items() if not k.startswith("eval")}
     return all(a[k] == b[k] for k in ("seed", "env", "data", "policy", "pretrain"))

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="measure success in ManiSkill (ManiSkill's evaluation rules)")
     p.add_argument("checkpoint", help="checkpoint directory (…/checkpoints/last) or a run stage directory")
     p.add_argument("--episodes", type=int, default=None, help="default: the recipe's eval.episodes (100)")
-    p.add_argument("--seed", type=int, default=0, help="episode seeds are seed, seed+1, ...")
+    p.add_argument("--seed", type=int, default=None,
+                   help="episode seeds are seed, seed+1, ... (default: the recipe's eval.seed, 0)")
     p.add_argument("--num-envs", type=int, default=None, help="parallel eval envs (default: the recipe's)")
     p.add_argument("--backend", choices=["auto", "gpu", "cpu"], default=None)
     p.add_argument("--video", metavar="DIR", help="write one MP4 per episode here (seed<S>.mp4)")

@@ -108,9 +108,10 @@ class FinetuneConfig:
     lr_alpha: float = 3e-4
     init_alpha: float = 0.01
     target_entropy: Optional[float] = None  # default: -d, d = action_dim * H (the chunk's dimension)
-    # learn alpha towards target_entropy; off by default because with policy.sigma_mode=fixed the flow's
-    # entropy has a ceiling set by sigma and K, below -d at the defaults (see flow_entropy_ceiling)
-    learn_alpha: bool = False
+    # learn alpha towards target_entropy. null (auto): yes, except for a flow actor with
+    # policy.sigma_mode=fixed, whose entropy has a ceiling set by sigma and K, below -d at the
+    # defaults (see flow_entropy_ceiling); there alpha stays at init_alpha
+    learn_alpha: Optional[bool] = None
     num_q: int = 2  # critic ensemble size
     q_aggregation: str = "min"  # min | mean over the ensemble, for targets and the actor
     q_hidden_dim: int = 256  # critic MLP width (q_layers hidden layers)
@@ -135,7 +136,7 @@ class FinetuneConfig:
 @dataclass
 class EvalConfig:
     episodes: int = 100  # `flowmanip eval`'s default --episodes
-    seed: int = 0  # evaluation episodes use seeds seed, seed + 1, ... (training evals and `flowmanip eval`)
+    seed: int = 0  # evaluation episodes use seeds seed, seed + 1, ... (training evals; `flowmanip eval`'s default --seed)
 
 
 @dataclass
@@ -222,6 +223,9 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> Recipe:
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e, path or "<recipe>") from None
     validate(recipe, path or "<recipe>")
+    if recipe.finetune.learn_alpha is None:  # auto: see FinetuneConfig.learn_alpha
+        f = recipe.finetune
+        f.learn_alpha = not (f.actor == "flow" and recipe.policy.sigma_mode == "fixed")
     return recipe
 
 
@@ -244,17 +248,19 @@ def check_reachable_entropy(r: Recipe, d: int | None, source: str) -> None:
     if f.actor != "flow" or p.sigma_mode != "fixed" or not f.learn_alpha:
         return
     ceiling = flow_entropy_ceiling(p)
-    target = -1.0 if f.target_entropy is None else None  # the default target is -1 per dimension
-    if target is None:
-        if d is None:
-            return
+    if f.target_entropy is None:
+        target, what = -1.0, "the default target -d (-1 per dimension)"
+    elif d is None:
+        return
+    else:
         target = f.target_entropy / d
+        what = f"finetune.target_entropy={f.target_entropy} ({target:.2f} per dimension, d = {d})"
     if target >= ceiling:
         raise FlowmanipError(
             f"{source}: finetune.learn_alpha=true with policy.sigma_mode=fixed cannot work: the flow's entropy "
             f"is at most {ceiling:.2f} nats per action dimension (policy.sigma={p.sigma}, "
-            f"policy.flow_steps={p.flow_steps}, policy.init_std={p.init_std}), below the target "
-            f"{target:.2f}, so alpha would grow without bound; set policy.sigma_mode=learned, "
+            f"policy.flow_steps={p.flow_steps}, policy.init_std={p.init_std}), below {what}, "
+            "so alpha would grow without bound; set policy.sigma_mode=learned, "
             "finetune.learn_alpha=false, or a lower finetune.target_entropy")
 
 

@@ -49,13 +49,18 @@ def test_a_learned_temperature_the_fixed_sigma_flow_cannot_reach_is_refused():
     assert "finetune.learn_alpha=true with policy.sigma_mode=fixed" in str(err.value) and "-3.53" in str(err.value)
     for fix in ("policy.sigma_mode=learned", "finetune.actor=gaussian", "policy.sigma=1.0"):
         load_recipe(pickcube, ["finetune.learn_alpha=true", fix])  # reachable: no error
+    # auto (null, the default; the PickCube recipe says false): learned unless the flow's sigma is fixed
+    auto = "finetune.learn_alpha=null"
+    assert load_recipe(pickcube, [auto]).finetune.learn_alpha is False
+    assert load_recipe(pickcube, [auto, "finetune.actor=gaussian"]).finetune.learn_alpha is True
+    assert load_recipe(pickcube, [auto, "policy.sigma_mode=learned"]).finetune.learn_alpha is True
     # an explicit target is checked against d = H x action_dim once the env has given the action dim
     r = load_recipe(pickcube, ["finetune.learn_alpha=true", "policy.sigma=1.0", "finetune.target_entropy=-40"])
     from flowmanip.config import check_reachable_entropy
 
     check_reachable_entropy(r, 32, "r")  # -1.25 per dim against a ceiling of 5.68 (K = 4, sigma = 1)
     r.policy.sigma = 0.1
-    with pytest.raises(FlowmanipError, match="below the target -1.25"):
+    with pytest.raises(FlowmanipError, match=r"below finetune.target_entropy=-40.0 \(-1.25 per dimension, d = 32\)"):
         check_reachable_entropy(r, 32, "r")
 
 

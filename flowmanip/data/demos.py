@@ -98,12 +98,12 @@ def generate_demos(env_id: str, out_path: str, num: int, seed_start: int = 0, wo
         with tqdm(total=num, desc=f"{env_id} demos", unit="demo", dynamic_ncols=True) as bar:
             idle = 0
             while finished < workers:
+                crashed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if crashed:  # e.g. a segfault in the planner (mplib with numpy 2): say so at once
+                    raise FlowmanipError(f"a demo worker for {env_id} crashed (exit code {crashed[0]})")
                 try:
                     kind, value = queue.get(timeout=5)
                 except queue_module.Empty:
-                    crashed = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                    if crashed:  # e.g. a segfault in the planner (mplib with numpy 2): say so at once
-                        raise FlowmanipError(f"a demo worker for {env_id} crashed (exit code {crashed[0]})") from None
                     idle += 5
                     if idle >= 600:
                         raise FlowmanipError(f"demo generation for {env_id} stalled (no progress for 10 minutes)")

@@ -126,16 +126,15 @@ def read_maniskill(h5_path: str, max_episodes: int | None = None) -> tuple[Datas
             if key not in f:
                 raise FlowmanipError(f"{where}: episode listed in the JSON is missing from the HDF5 file")
             g = f[key]
-            for required in ("actions", "obs"):
-                if required not in g:
-                    hint = (" (recorded with obs_mode='none'; convert it, e.g. "
-                            "tools/convert_demos.py replay FILE -o state -c pd_ee_delta_pos)")
-                    raise FlowmanipError(f"{where}: missing key '{required}'" + (hint if required == "obs" else ""))
+            no_obs = ("the episode has no observations (recorded with obs_mode='none'); convert it first, "
+                      "e.g. tools/convert_demos.py replay FILE -o state -c pd_ee_delta_pos")
+            if "actions" not in g:
+                raise FlowmanipError(f"{where}: missing key 'actions'")
+            if "obs" not in g:
+                raise FlowmanipError(f"{where}: missing key 'obs': {no_obs}")
             try:
                 if isinstance(g["obs"], h5py.Group) and len(g["obs"]) == 0:
-                    raise FlowmanipError(
-                        f"{where}: the episode has no observations (recorded with obs_mode='none'); "
-                        "convert it first, e.g. tools/convert_demos.py replay FILE -o state -c pd_ee_delta_pos")
+                    raise FlowmanipError(f"{where}: {no_obs}")
                 if isinstance(g["obs"], h5py.Dataset):
                     obs = {"state": np.asarray(g["obs"][()], dtype=np.float32)}
                 else:

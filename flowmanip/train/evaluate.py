@@ -84,13 +84,14 @@ def _write_videos(video_dir: str, frames: list, seeds: list[int]) -> None:
         imageio.mimsave(os.path.join(video_dir, f"seed{seed}.mp4"), clip, fps=20)
 
 
-def evaluate_checkpoint(path: str, episodes: int | None = None, seed: int = 0, num_envs: int | None = None,
+def evaluate_checkpoint(path: str, episodes: int | None = None, seed: int | None = None, num_envs: int | None = None,
                         backend: str | None = None, video_dir: str | None = None,
                         per_episode: bool = False, stochastic: bool = False, sigma: float | None = None,
                         flow_steps: int | None = None) -> dict:
     """Evaluate a checkpoint's deterministic rollout, or with ``stochastic`` its noise-augmented one
     (the fine-tune's behaviour policy; ``sigma`` replaces a flow policy's rollout noise, ``flow_steps``
-    its number of Euler steps K). ``episodes`` defaults to the checkpoint recipe's ``eval.episodes``."""
+    its number of Euler steps K). ``episodes`` and ``seed`` default to the checkpoint recipe's ``eval``
+    settings."""
     from flowmanip.envs import make_vector_env
     from flowmanip.train.checkpoint import load_checkpoint
     from flowmanip.train.pretrain import policy_from_checkpoint
@@ -105,6 +106,7 @@ def evaluate_checkpoint(path: str, episodes: int | None = None, seed: int = 0, n
     ckpt = load_checkpoint(path)
     recipe = ckpt["recipe"]
     episodes = episodes or recipe.eval.episodes
+    seed = recipe.eval.seed if seed is None else seed
     policy = policy_from_checkpoint(ckpt)
     actor = ckpt["meta"].get("actor", "flow")  # as policy_from_checkpoint reads it
     for option, value in (("--sigma", sigma), ("--flow-steps", flow_steps)):

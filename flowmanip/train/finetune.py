@@ -26,6 +26,11 @@ def resolve_init(recipe) -> str | None:
     return None if init.lower() in ("none", "scratch", "") else init
 
 
+def next_multiple(step: int, every: int) -> int:
+    """The first multiple of ``every`` after ``step`` (schedules catch up when one loop passes several)."""
+    return (step // every + 1) * every
+
+
 def batch_to(batch: dict, device) -> dict:
     """Move a batch (tensors and obs dicts of tensors) to ``device``."""
     return {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
@@ -242,12 +247,12 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
         t0 = time.time()
         history = []
         recent, info = [], {}
-        next_log = (counters["env_steps"] // cfg.log_every + 1) * cfg.log_every
+        next_log = next_multiple(counters["env_steps"], cfg.log_every)
         if cfg.eval_every <= 0 or cfg.eval_episodes <= 0:
             next_eval = float("inf")
         else:
-            next_eval = (counters["env_steps"] // cfg.eval_every + 1) * cfg.eval_every if resume else 0
-        next_save = (counters["env_steps"] // cfg.save_every + 1) * cfg.save_every
+            next_eval = next_multiple(counters["env_steps"], cfg.eval_every) if resume else 0
+        next_save = next_multiple(counters["env_steps"], cfg.save_every)
         bar = tqdm(total=cfg.total_env_steps, initial=counters["env_steps"], desc="finetune", unit="step",
                    dynamic_ncols=True, disable=not is_main)
         steps_at_start, updates_at_start = counters["env_steps"], counters["updates"]
@@ -258,7 +263,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                 logger.log(counters["env_steps"], {f"eval/{k}": v for k, v in result.items()})
                 bar.write(f"env step {counters['env_steps']}: success_once={result['success_once']:.3f} "
                           f"success_at_end={result['success_at_end']:.3f} return={result['return_mean']:.2f}")
-                next_eval = (counters["env_steps"] // cfg.eval_every + 1) * cfg.eval_every  # one loop may pass several
+                next_eval = next_multiple(counters["env_steps"], cfg.eval_every)
             if counters["env_steps"] >= cfg.total_env_steps:
                 break
 
@@ -336,11 +341,11 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                     logger.log(counters["env_steps"], row)
                     bar.set_postfix(q=f"{row.get('q_mean', 0):.2f}", alpha=f"{row['alpha']:.3g}")
                 recent = []
-                next_log = (counters["env_steps"] // cfg.log_every + 1) * cfg.log_every
+                next_log = next_multiple(counters["env_steps"], cfg.log_every)
             if counters["env_steps"] >= next_save:
                 if is_main:
                     save()
-                next_save = (counters["env_steps"] // cfg.save_every + 1) * cfg.save_every
+                next_save = next_multiple(counters["env_steps"], cfg.save_every)
         bar.close()
         # parameters must be identical on every rank (gradients were averaged before each step)
         flat = torch.cat([p.detach().reshape(-1) for p in agent.parameters()]).to(device)

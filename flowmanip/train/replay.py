@@ -41,18 +41,19 @@ class ReplayBuffer:
                 "action": self.action[idx], "reward": self.reward[idx], "discount": self.discount[idx],
                 "terminated": self.terminated[idx]}
 
-    def _fields(self) -> dict:
-        return {**{f"obs/{k}": v for k, v in self.obs.items()}, **{f"next_obs/{k}": v for k, v in self.next_obs.items()},
-                "action": self.action, "reward": self.reward, "discount": self.discount, "terminated": self.terminated}
+    FIELDS = ("action", "reward", "discount", "terminated")
 
     def state_dict(self) -> dict:
         """The stored transitions, oldest first (so a buffer of another capacity can load them)."""
         n = self.size
-        order = (torch.arange(n, device=self.device) + (self.pos if n == self.capacity else 0)) % max(n, 1)
-        data = {k: v[order].cpu() for k, v in self._fields().items()}
-        return {"obs": {k[4:]: v for k, v in data.items() if k.startswith("obs/")},
-                "next_obs": {k[9:]: v for k, v in data.items() if k.startswith("next_obs/")},
-                **{k: v for k, v in data.items() if "/" not in k}, "pos": 0}
+        order = (torch.arange(n) + (self.pos if n == self.capacity else 0)) % max(n, 1)
+
+        def saved(v):  # to the CPU first: reordering on the GPU would briefly double the buffer there
+            return v[:n].cpu()[order]
+
+        return {"obs": {k: saved(v) for k, v in self.obs.items()},
+                "next_obs": {k: saved(v) for k, v in self.next_obs.items()},
+                **{k: saved(getattr(self, k)) for k in self.FIELDS}, "pos": 0}
 
     def load_state_dict(self, state: dict) -> None:
         """Load transitions saved by ``state_dict`` (older files: in ring order with their ``pos``); when
@@ -61,11 +62,11 @@ class ReplayBuffer:
         order = (torch.arange(n) + state["pos"]) % max(n, 1)  # oldest first
         keep = order[n - min(n, self.capacity):]
         m = len(keep)
-        saved = {**{f"obs/{k}": v for k, v in state["obs"].items()},
-                 **{f"next_obs/{k}": v for k, v in state["next_obs"].items()},
-                 **{k: state[k] for k in ("action", "reward", "discount", "terminated")}}
-        for k, field in self._fields().items():
-            field[:m] = saved[k][keep].to(self.device)
+        for group in ("obs", "next_obs"):
+            for k, v in getattr(self, group).items():
+                v[:m] = state[group][k][keep].to(self.device)
+        for k in self.FIELDS:
+            getattr(self, k)[:m] = state[k][keep].to(self.device)
         self.size, self.pos = m, m % self.capacity
 
 
