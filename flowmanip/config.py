@@ -264,53 +264,50 @@ def check_reachable_entropy(r: Recipe, d: int | None, source: str) -> None:
             "finetune.learn_alpha=false, or a lower finetune.target_entropy")
 
 
+# keys validate checks, in this order: POSITIVE >= 1, NON_NEGATIVE >= 0 (0 turns it off), RATES > 0
+POSITIVE = (
+    "env.num_envs", "env.num_eval_envs", "env.max_episode_steps", "policy.flow_steps", "policy.chunk",
+    "pretrain.batch_size", "finetune.batch_size", "finetune.num_q", "finetune.actor_delay", "finetune.buffer_size",
+    "policy.decoder_memory_tokens", "env.camera_size", "eval.episodes", "policy.hidden_dim", "policy.num_layers",
+    "policy.decoder_layers", "policy.decoder_heads", "policy.decoder_dim", "policy.encoder_dim",
+    "policy.cnn_channels", "pretrain.steps", "pretrain.log_every", "pretrain.save_every",
+    "finetune.total_env_steps", "finetune.log_every", "finetune.save_every", "finetune.q_hidden_dim",
+    "finetune.q_layers",
+)
+NON_NEGATIVE = (
+    "finetune.critic_warmup", "finetune.learning_starts", "finetune.random_warmup", "finetune.eval_every",
+    "finetune.eval_episodes", "finetune.anchor_weight", "finetune.bc_weight", "finetune.bc_decay_steps",
+    "pretrain.eval_every", "pretrain.eval_episodes", "pretrain.weight_decay",
+)
+RATES = ("pretrain.lr", "finetune.lr_actor", "finetune.lr_critic", "finetune.lr_alpha", "finetune.init_alpha")
+
+
+def _value(r: Recipe, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(r, section), name)
+
+
 def validate(r: Recipe, source: str) -> None:
     for key, choices in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(r, section), name)
+        value = _value(r, key)
         if value not in choices:
             raise FlowmanipError(f"{source}: {key}={value!r} is not one of {list(choices)}")
     if r.device not in ("auto", "cpu", "cuda"):
         raise FlowmanipError(f"{source}: device={r.device!r} is not one of ['auto', 'cpu', 'cuda']")
-    positive = {
-        "env.num_envs": r.env.num_envs, "env.num_eval_envs": r.env.num_eval_envs,
-        "env.max_episode_steps": r.env.max_episode_steps, "policy.flow_steps": r.policy.flow_steps,
-        "policy.chunk": r.policy.chunk, "pretrain.batch_size": r.pretrain.batch_size,
-        "finetune.batch_size": r.finetune.batch_size, "finetune.num_q": r.finetune.num_q,
-        "finetune.actor_delay": r.finetune.actor_delay, "finetune.buffer_size": r.finetune.buffer_size,
-        "policy.decoder_memory_tokens": r.policy.decoder_memory_tokens,
-    }
-    p, pt, ft = r.policy, r.pretrain, r.finetune
-    positive.update({
-        "env.camera_size": r.env.camera_size, "eval.episodes": r.eval.episodes,
-        "policy.hidden_dim": p.hidden_dim, "policy.num_layers": p.num_layers, "policy.decoder_layers": p.decoder_layers,
-        "policy.decoder_heads": p.decoder_heads, "policy.decoder_dim": p.decoder_dim,
-        "policy.encoder_dim": p.encoder_dim, "policy.cnn_channels": p.cnn_channels,
-        "pretrain.steps": pt.steps, "pretrain.log_every": pt.log_every, "pretrain.save_every": pt.save_every,
-        "finetune.total_env_steps": ft.total_env_steps, "finetune.log_every": ft.log_every,
-        "finetune.save_every": ft.save_every, "finetune.q_hidden_dim": ft.q_hidden_dim,
-        "finetune.q_layers": ft.q_layers,
-    })
+    positive = [(key, _value(r, key)) for key in POSITIVE]
     if r.data is not None and r.data.max_episodes is not None:
-        positive["data.max_episodes"] = r.data.max_episodes
-    for key, value in positive.items():
+        positive.append(("data.max_episodes", r.data.max_episodes))
+    for key, value in positive:
         if value < 1:
             raise FlowmanipError(f"{source}: {key} must be >= 1, got {value}")
-    non_negative = {f"finetune.{k}": getattr(ft, k) for k in ("critic_warmup", "learning_starts", "random_warmup",
-                                                              "eval_every", "eval_episodes", "anchor_weight",
-                                                              "bc_weight", "bc_decay_steps")}
-    non_negative.update({"pretrain.eval_every": pt.eval_every, "pretrain.eval_episodes": pt.eval_episodes,
-                         "pretrain.weight_decay": pt.weight_decay})
-    for key, value in non_negative.items():
-        if value < 0:
-            raise FlowmanipError(f"{source}: {key} must be >= 0 (0 turns it off), got {value}")
-    rates = {"pretrain.lr": pt.lr, "finetune.lr_actor": ft.lr_actor, "finetune.lr_critic": ft.lr_critic,
-             "finetune.lr_alpha": ft.lr_alpha, "finetune.init_alpha": ft.init_alpha}
-    for key, value in rates.items():
-        if value <= 0:
-            raise FlowmanipError(f"{source}: {key} must be > 0, got {value}")
-    if not 0 <= pt.ema < 1:
-        raise FlowmanipError(f"{source}: pretrain.ema must be in [0, 1) (0 turns it off), got {pt.ema}")
+    for key in NON_NEGATIVE:
+        if _value(r, key) < 0:
+            raise FlowmanipError(f"{source}: {key} must be >= 0 (0 turns it off), got {_value(r, key)}")
+    for key in RATES:
+        if _value(r, key) <= 0:
+            raise FlowmanipError(f"{source}: {key} must be > 0, got {_value(r, key)}")
+    if not 0 <= r.pretrain.ema < 1:
+        raise FlowmanipError(f"{source}: pretrain.ema must be in [0, 1) (0 turns it off), got {r.pretrain.ema}")
     if r.policy.init_std < 0 or r.policy.sigma <= 0:
         raise FlowmanipError(f"{source}: policy.init_std must be >= 0 and policy.sigma > 0")
     if r.finetune.utd <= 0:

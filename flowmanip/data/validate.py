@@ -54,19 +54,20 @@ def check_episode(episode, where: str) -> None:
             raise FlowmanipError(f"{where}: '{name}' contains {bad} NaN/inf values")
 
 
+def _step_shapes(episode) -> dict:
+    return {"actions": episode.actions.shape[1:], **{f"obs/{k}": v.shape[1:] for k, v in episode.obs.items()}}
+
+
 def check_same_shapes(episodes, names: list[str], source: str) -> None:
     """Every episode has the first one's action dim and obs shapes (``names[i]`` names episode i)."""
-    first = episodes[0]
-    want = {"actions": first.actions.shape[1:], **{f"obs/{k}": v.shape[1:] for k, v in first.obs.items()}}
+    want = _step_shapes(episodes[0])
     for name, ep in zip(names[1:], episodes[1:]):
-        have = {"actions": ep.actions.shape[1:], **{f"obs/{k}": v.shape[1:] for k, v in ep.obs.items()}}
+        have = _step_shapes(ep)
         if have != want:
             key = next(k for k in [*want, *have] if have.get(k) != want.get(k))
-            def shape(d):
-                return f"shape {list(d[key])}" if key in d else "no such key"
-
-            raise FlowmanipError(f"{source}:{name}: '{key}' has {shape(have)} per step, "
-                                 f"but {names[0]} has {shape(want)}; all episodes must match")
+            described = [f"shape {list(d[key])}" if key in d else "no such key" for d in (have, want)]
+            raise FlowmanipError(f"{source}:{name}: '{key}' has {described[0]} per step, "
+                                 f"but {names[0]} has {described[1]}; all episodes must match")
 
 
 def summarize(meta, episodes) -> dict:

@@ -46,7 +46,7 @@ class ReplayBuffer:
     def state_dict(self) -> dict:
         """The stored transitions, oldest first (so a buffer of another capacity can load them)."""
         n = self.size
-        order = (torch.arange(n) + (self.pos if n == self.capacity else 0)) % max(n, 1)
+        order = _oldest_first(n, self.pos)
 
         def saved(v):  # to the CPU first: reordering on the GPU would briefly double the buffer there
             return v[:n].cpu()[order]
@@ -59,7 +59,7 @@ class ReplayBuffer:
         """Load transitions saved by ``state_dict`` (older files: in ring order with their ``pos``); when
         they do not fit, the newest ``capacity`` are kept. The next ``add`` continues after them."""
         n = state["action"].shape[0]
-        order = (torch.arange(n) + state["pos"]) % max(n, 1)  # oldest first
+        order = _oldest_first(n, state["pos"])
         keep = order[n - min(n, self.capacity):]
         m = len(keep)
         for group in ("obs", "next_obs"):
@@ -68,6 +68,12 @@ class ReplayBuffer:
         for k in self.FIELDS:
             getattr(self, k)[:m] = state[k][keep].to(self.device)
         self.size, self.pos = m, m % self.capacity
+
+
+def _oldest_first(n: int, pos: int) -> torch.Tensor:
+    """Indices that put ``n`` ring-buffer rows written up to ``pos`` oldest first (before the ring is
+    full, ``pos == n`` and the rows are already in order)."""
+    return (torch.arange(n) + pos) % max(n, 1)
 
 
 def concat_batches(a: dict, b: dict) -> dict:
