@@ -221,3 +221,21 @@ def test_accelerate_two_processes_keep_identical_parameters(demo_dir, tmp_path):
     assert summary["world_size"] == 2
     assert summary["updates"] > 0
     assert summary["param_max_abs_diff_across_ranks"] == 0.0
+
+
+def test_finetune_resume_without_buffer_collects_before_updating(demo_dir, tmp_path):
+    """A checkpoint saved without its replay buffer restarts with an empty one: the resumed run must collect
+    learning_starts new env steps before its first update, not replay a handful of transitions over and over."""
+    args = ["finetune", "recipes/pickcube.yaml", f"data.path={demo_dir / 'pick_ee.h5'}", f"out_dir={tmp_path}",
+            "finetune.init=none", "finetune.learning_starts=320", "finetune.batch_size=32", "finetune.log_every=160",
+            "finetune.eval_every=0", "finetune.save_every=640", "finetune.save_buffer=false", "env.num_envs=2",
+            "policy.hidden_dim=64", "policy.encoder_dim=64", "finetune.q_hidden_dim=64", "finetune.critic_warmup=0"]
+    run_cli(*args, "finetune.total_env_steps=640")
+    first = torch.load(tmp_path / "finetune/checkpoints/last/training_state.pt", weights_only=False)
+    assert "buffer" not in first and first["counters"]["updates"] > 0
+    run_cli(*args, "finetune.total_env_steps=1280", "--resume")
+    start, done = first["counters"]["env_steps"], first["counters"]["updates"]
+    resumed = [(r["step"], r["updates"]) for r in metrics(tmp_path / "finetune") if r["step"] > start]
+    waiting = [u for step, u in resumed if step < start + 320]
+    assert len(waiting) >= 2 and all(u == done for u in waiting)  # fewer than learning_starts new steps: no update
+    assert resumed[-1][0] >= 1280 and resumed[-1][1] > done  # and it learns again once they are collected

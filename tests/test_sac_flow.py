@@ -212,3 +212,15 @@ def test_both_bc_kinds_average_over_batch_and_dimensions():
     target = x1 - x0
     by_hand = ((agent.actor.velocity(xt, t, z) - target) ** 2).sum() / (6 * agent.actor.dim)
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def test_bc_weight_decays_from_the_end_of_the_critic_warmup():
+    """The actor first updates after the critic warm-up, so the decay starts there, not at update 0."""
+    from flowmanip.train.finetune import bc_weight_at
+
+    cfg = FinetuneConfig(bc_weight=2.0, bc_decay_steps=100, critic_warmup=500)
+    assert bc_weight_at(cfg, 0) == 2.0
+    assert bc_weight_at(cfg, 500) == 2.0  # the first actor update gets the full weight
+    assert bc_weight_at(cfg, 550) == pytest.approx(1.0)
+    assert bc_weight_at(cfg, 600) == 0.0 and bc_weight_at(cfg, 10_000) == 0.0
+    assert bc_weight_at(FinetuneConfig(bc_weight=2.0, bc_decay_steps=0, critic_warmup=500), 10_000) == 2.0

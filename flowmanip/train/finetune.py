@@ -31,6 +31,15 @@ def next_multiple(step: int, every: int) -> int:
     return (step // every + 1) * every
 
 
+def bc_weight_at(cfg, updates: int) -> float:
+    """The BC weight after `updates` critic updates: full until the actor starts (after the critic warm-up),
+    then a linear decay to 0 over `bc_decay_steps` updates when that is > 0."""
+    if cfg.bc_decay_steps <= 0:
+        return cfg.bc_weight
+    since_warmup = max(0, updates - cfg.critic_warmup)
+    return cfg.bc_weight * max(0.0, 1.0 - since_warmup / cfg.bc_decay_steps)
+
+
 def batch_to(batch: dict, device) -> dict:
     """Move a batch (tensors and obs dicts of tensors) to ``device``."""
     return {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
@@ -310,10 +319,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                     counters["update_budget"] -= 1
                     batch, info = critic_update()
                     if counters["updates"] % cfg.actor_delay == 0:
-                        bc_weight = cfg.bc_weight
-                        if cfg.bc_decay_steps > 0:
-                            since_warmup = counters["updates"] - cfg.critic_warmup  # the actor starts here
-                            bc_weight *= max(0.0, 1.0 - since_warmup / cfg.bc_decay_steps)
+                        bc_weight = bc_weight_at(cfg, counters["updates"])
                         demo_batch = sample_demos(cfg.batch_size) if demos is not None and bc_weight > 0 else None
                         diagnose = is_main and counters["env_steps"] >= next_log and counters["update_budget"] < 1
                         actor_loss, actor_info, states = agent.actor_loss(batch, demo_batch, bc_weight, diagnose)
