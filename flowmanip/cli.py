@@ -2,8 +2,8 @@
 
     flowmanip pretrain RECIPE [key=value ...] [--resume]
     flowmanip finetune RECIPE [key=value ...] [--resume]
-    flowmanip eval CKPT [--episodes N] [--stochastic [--sigma S]] [--json] [--per-episode FILE.json]
-    flowmanip export CKPT --format torchscript -o policy.pt
+    flowmanip eval CKPT [--episodes N] [--stochastic] [--sigma S] [--json] [--per-episode FILE.json]
+    flowmanip export CKPT -o policy.pt  (or -o policy.onnx)
     flowmanip demos generate|replay|to-robomimic|inspect ...
 
 User errors print one line and exit with code 2 (``--debug`` shows the traceback).
@@ -21,7 +21,8 @@ from flowmanip.errors import FlowmanipError
 
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/pickcube.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. pretrain.steps=2000")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. env.num_envs=4 (before or "
+                                                 "after the flags)")
     p.add_argument("--resume", action="store_true", help="continue from out_dir/<stage>/checkpoints/last")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in out_dir/<stage>")
 
@@ -48,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stochastic", action="store_true",
                    help="run the noise-augmented rollout (the fine-tune's behaviour policy), noise seeded by --seed")
     p.add_argument("--sigma", type=float, default=None,
-                   help="flow policies: rollout noise per flow step for --stochastic (default: the checkpoint's)")
+                   help="flow policies: rollout noise per flow step; implies --stochastic (default: the checkpoint's)")
     p.add_argument("--flow-steps", type=int, default=None, metavar="K",
                    help="flow policies: Euler steps of the rollout (default: the checkpoint's K; flow matching "
                         "trains on continuous t, so any K >= 1 is a valid solver)")
@@ -56,11 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write one record per episode (seed, success_once, success_at_end, return) here")
 
     p = sub.add_parser("export", help="write a self-contained policy file for deployment")
-    p.add_argument("checkpoint")
-    p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("checkpoint", help="checkpoint directory (…/checkpoints/last) or a run stage directory")
+    p.add_argument("--format", choices=["torchscript", "onnx"], default=None,
+                   help="default: onnx for an .onnx output, else torchscript")
+    p.add_argument("-o", "--output", required=True, help="output file, e.g. policy.pt")
     p.add_argument("--stochastic", action="store_true", help="bake in the noise-augmented rollout")
-    p.add_argument("--seed", type=int, default=0, help="noise seed for --stochastic")
+    p.add_argument("--seed", type=int, default=None, help="noise seed for --stochastic (default 0)")
 
     demos = sub.add_parser("demos", help="make, convert and inspect demonstration files").add_subparsers(
         dest="demos_command", required=True)
@@ -75,7 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = demos.add_parser("replay", help="change control/obs mode through ManiSkill's replay (records rewards)")
     p.add_argument("source", help="ManiSkill .h5 (with .json beside it)")
     p.add_argument("-c", "--control-mode", required=True)
-    p.add_argument("-o", "--obs-mode", default="state")
+    p.add_argument("-o", "--obs-mode", default="state",
+                   help="observation mode to record: state, rgb, ... (as in ManiSkill's replay tool; the output "
+                        "file is --output)")
     p.add_argument("--reward-mode", default="normalized_dense")
     p.add_argument("--camera-size", type=int, default=None, help="camera width=height for image obs modes")
     p.add_argument("--workers", type=int, default=1)
@@ -92,20 +96,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args) -> int:
+def _check_options(args) -> None:
+    """Option checks that need no recipe or env, so that a long run does not end in a bad-path error."""
     from flowmanip.utils import check_output_file
 
     for path in (getattr(args, "output", None), getattr(args, "per_episode", None)):
         if path:  # before any work: a 100-episode eval should not end in "that is a directory"
             check_output_file(path)
+    if args.command == "eval":
+        if args.num_envs is not None and args.num_envs < 1:
+            raise FlowmanipError(f"--num-envs must be >= 1, got {args.num_envs}")
+        if args.video and os.path.exists(args.video) and not os.path.isdir(args.video):
+            raise FlowmanipError(f"--video {args.video}: is a file; expected a directory for the MP4s")
+    elif args.command == "export":
+        suffix_fmt = "onnx" if args.output.lower().endswith(".onnx") else "torchscript"
+        if args.format is None:
+            args.format = suffix_fmt
+        elif args.format != suffix_fmt and (args.format == "onnx" or suffix_fmt == "onnx"):
+            raise FlowmanipError(f"-o {args.output}: --format {args.format} writes "
+                                 f"{'an .onnx file' if args.format == 'onnx' else 'TorchScript'}; "
+                                 f"name the output {'*.onnx' if args.format == 'onnx' else '*.pt'} or drop --format")
+        if args.seed is not None and not args.stochastic:
+            raise FlowmanipError("--seed seeds the noise of --stochastic; the deterministic export has none")
+    elif args.command == "demos" and args.demos_command == "replay":
+        if os.sep in args.obs_mode or args.obs_mode.endswith((".h5", ".hdf5")):
+            raise FlowmanipError(f"-o/--obs-mode {args.obs_mode!r} looks like a file; -o is the observation mode "
+                                 "(state, rgb, ...) here, and the output file is --output")
+
+
+def _run(args) -> int:
+    _check_options(args)
     if args.command == "pretrain":
         from flowmanip.train.pretrain import run_pretrain
 
-        run_pretrain(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+        r = run_pretrain(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+        _print_done("pretrain", r["stage_dir"], r["eval"])
     elif args.command == "finetune":
         from flowmanip.train.finetune import run_finetune
 
-        run_finetune(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+        r = run_finetune(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
+        if r.get("is_main", True):
+            _print_done("finetune", r["stage_dir"], r["final_eval"])
     elif args.command == "eval":
         from flowmanip.train.evaluate import evaluate_checkpoint
 
@@ -129,11 +160,18 @@ def _run(args) -> int:
         from flowmanip.export import export_checkpoint
 
         path = export_checkpoint(args.checkpoint, args.output, fmt=args.format, stochastic=args.stochastic,
-                                 seed=args.seed)
+                                 seed=args.seed or 0)
         print(f"wrote {path}")
     elif args.command == "demos":
         return _run_demos(args)
     return 0
+
+
+def _print_done(stage: str, stage_dir: str, last_eval: dict | None) -> None:
+    line = f"{stage} done: checkpoint {os.path.join(stage_dir, 'checkpoints', 'last')}"
+    if last_eval:
+        line += f", success_once {last_eval['success_once']:.3f} over {last_eval['episodes']} episodes"
+    print(line + f"; metrics in {os.path.join(stage_dir, 'metrics.jsonl')}")
 
 
 def _run_demos(args) -> int:
@@ -160,14 +198,30 @@ def _run_demos(args) -> int:
         from flowmanip.data import read_dataset
         from flowmanip.data.validate import format_summary, summarize
 
-        meta, episodes = read_dataset(args.path)
+        meta, episodes = read_dataset(args.path, require_obs=False)
         summary = summarize(meta, episodes)
         print(json.dumps(summary) if args.json else format_summary(summary))
     return 0
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse, plus what users type without thinking: ``--debug`` after the subcommand, and
+    key=value overrides after ``--resume``/``--overwrite`` (argparse takes one run of positionals)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command in ("pretrain", "finetune") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.debug = debug
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     try:
         code = _run(args)

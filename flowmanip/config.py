@@ -7,6 +7,8 @@ paths (``pretrain.steps=2000``). Every error names the key and what was expected
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
 import os
 from dataclasses import dataclass, field
@@ -163,12 +165,26 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+def _all_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key of a config dataclass, sections included (``pretrain``, ``pretrain.steps``, ...)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            keys += _all_keys(sub, key + ".")
+    return keys
+
+
 def _omegaconf_error(e, source: str, key_hint: str = "?") -> FlowmanipError:
     from omegaconf.errors import ConfigKeyError, ValidationError
 
     key = getattr(e, "full_key", None) or key_hint
     if isinstance(e, ConfigKeyError):
-        return FlowmanipError(f"{source}: unknown config key '{key}'")
+        close = difflib.get_close_matches(key, _all_keys(Recipe), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return FlowmanipError(f"{source}: unknown config key '{key}'{hint}")
     if isinstance(e, ValidationError):
         return FlowmanipError(f"{source}: bad value for '{key}': {str(e).splitlines()[0]}")
     where = f"'{key}': " if key != "?" else ""
@@ -222,7 +238,7 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> Recipe:
         recipe: Recipe = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         raise _omegaconf_error(e, path or "<recipe>") from None
-    validate(recipe, path or "<recipe>")
+    validate(recipe, (path or "<recipe>") + (" with overrides" if overrides else ""))
     if recipe.finetune.learn_alpha is None:  # auto: see FinetuneConfig.learn_alpha
         f = recipe.finetune
         f.learn_alpha = not (f.actor == "flow" and recipe.policy.sigma_mode == "fixed")

@@ -100,6 +100,8 @@ def test_overrides_are_typed():
     ("pretrain.ema=1.5", "pretrain.ema must be in [0, 1)"),
     ("pretrain.steps=${nowhere}", "'pretrain.steps': Interpolation key 'nowhere' not found"),
     ("env=3", "bad value for 'env'"),
+    ("pretrain.step=5", "unknown config key 'pretrain.step'; did you mean 'pretrain.steps'?"),
+    ("policy.hidden_dim=0", "pickcube.yaml with overrides: policy.hidden_dim"),  # the value came from the command line
 ])
 def test_bad_overrides_name_the_key(override, needle):
     with pytest.raises(FlowmanipError, match=None) as err:
@@ -194,3 +196,21 @@ def test_init_check_ignores_settings_the_network_does_not_use(tmp_path):
     ckpt = load_checkpoint(_checkpoint_for(tmp_path / "t", ["policy.velocity=decoded", "policy.decoder_memory_tokens=1"]))
     with pytest.raises(FlowmanipError, match="policy.decoder_memory_tokens=1, the recipe wants 4"):
         check_init_matches(ckpt["meta"], flowt, ckpt["path"], 42, ckpt["recipe"].policy)
+
+
+def test_cli_reads_what_users_type_and_refuses_files_where_directories_go(tmp_path):
+    """Overrides after --overwrite and --debug after the subcommand parse; a file given as out_dir or as
+    eval's --video directory is one error before any env starts, and the file is left as it was."""
+    a_file = tmp_path / "policy.pt"
+    a_file.write_text("mine")
+    for stage in ("pretrain", "finetune"):
+        proc = run_cli(stage, "recipes/pickcube.yaml", "--overwrite", f"out_dir={a_file}", check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "policy.pt: is a file; out_dir must be a directory" in proc.stderr, proc.stderr
+    proc = run_cli("eval", tmp_path, "--video", a_file, check=False)
+    assert proc.returncode == 2 and "--video" in proc.stderr and "is a file" in proc.stderr, proc.stderr
+    assert a_file.read_text() == "mine"
+    proc = run_cli("pretrain", "--debug", "recipes/nope.yaml", check=False)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "recipe file not found" in proc.stderr
+    proc = run_cli("pretrain", "recipes/pickcube.yaml", "--resume", "not_an_override", check=False)
+    assert proc.returncode == 2 and "unrecognized arguments: not_an_override" in proc.stderr

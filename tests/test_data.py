@@ -90,6 +90,13 @@ def test_inspect_prints_summary(demo_dir):
     assert summary["obs_shapes"] == {"state": [42]} and summary["success_at_end"] == 1.0
 
 
+def test_inspect_summarises_demos_recorded_without_observations(demo_dir):
+    """Fresh `demos generate` output has actions only; inspect still summarises it and says so."""
+    summary = json.loads(run_cli("demos", "inspect", demo_dir / "pick.h5", "--json").stdout)
+    assert summary["episodes"] == 4 and summary["control_mode"] == "pd_joint_pos"
+    assert summary["success_at_end"] == 1.0 and "demos replay" in summary["obs_shapes"]
+
+
 def test_rgb_conversion_has_images_and_state(rgb_demo):
     meta, episodes = read_maniskill(str(rgb_demo))
     assert meta.obs_mode == "rgb" and len(episodes) == 2
@@ -204,6 +211,19 @@ def test_malformed_files_give_one_error_naming_the_key(demo_dir, tmp_path):
     with h5py.File(no_next, "r+") as f:
         del f["data/demo_0/next_obs/state"]
     fails(no_next, "no_next.hdf5:data/demo_0", "next_obs/state")
+
+
+def test_replay_errors_give_the_cause_not_progress_bars(demo_dir, tmp_path):
+    out = tmp_path / "out.h5"
+    proc = run_cli("demos", "replay", demo_dir / "pick.h5", "-c", "pd_ee_delta", "--output", out, check=False)
+    _assert_user_error(proc, "pick.h5", "pd_ee_delta")
+    assert "step/s" not in proc.stderr and "%|" not in proc.stderr
+    # -o is the obs mode here (as in ManiSkill's replay tool), and a robomimic file is not a replay source
+    _assert_user_error(run_cli("demos", "replay", demo_dir / "pick.h5", "-c", "pd_ee_delta_pos", "-o", out,
+                               "--output", out, check=False), "-o is the observation mode")
+    _assert_user_error(run_cli("demos", "replay", demo_dir / "pick_ee.hdf5", "-c", "pd_ee_delta_pos",
+                               "--output", out, check=False), "pick_ee.hdf5", "ManiSkill .h5")
+    assert not out.exists()
 
 
 def test_an_output_path_that_is_a_directory_is_refused_and_kept(demo_dir, tmp_path):

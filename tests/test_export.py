@@ -83,6 +83,20 @@ def test_exported_module_rejects_bad_input(state_ckpt, tmp_path):
         policy(torch.zeros(1, 41))
     with pytest.raises(Exception, match="float32"):
         policy(torch.zeros(1, 42, dtype=torch.float64))
+    assert not policy(torch.zeros(1, 42)).requires_grad  # a controller's call builds no autograd graph
+
+
+def test_export_format_follows_the_file_name(state_ckpt, tmp_path):
+    from test_data import _assert_user_error
+
+    pytest.importorskip("onnx")
+    run_cli("export", state_ckpt, "-o", tmp_path / "policy.onnx")
+    assert (tmp_path / "policy.onnx").read_bytes()[:4] != b"PK\x03\x04"  # ONNX protobuf, not a TorchScript zip
+    _assert_user_error(run_cli("export", state_ckpt, "--format", "torchscript", "-o", tmp_path / "p.onnx",
+                               check=False), "p.onnx", "*.pt")
+    _assert_user_error(run_cli("export", state_ckpt, "--seed", 3, "-o", tmp_path / "p.pt", check=False),
+                       "--stochastic")
+    assert not (tmp_path / "p.onnx").exists() and not (tmp_path / "p.pt").exists()
 
 
 def test_stochastic_export_is_seeded(state_ckpt, tmp_path):

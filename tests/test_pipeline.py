@@ -228,14 +228,19 @@ def test_finetune_resume_without_buffer_collects_before_updating(demo_dir, tmp_p
     learning_starts new env steps before its first update, not replay a handful of transitions over and over."""
     args = ["finetune", "recipes/pickcube.yaml", f"data.path={demo_dir / 'pick_ee.h5'}", f"out_dir={tmp_path}",
             "finetune.init=none", "finetune.learning_starts=320", "finetune.batch_size=32", "finetune.log_every=160",
-            "finetune.eval_every=0", "finetune.save_every=640", "finetune.save_buffer=false", "env.num_envs=2",
-            "policy.hidden_dim=64", "policy.encoder_dim=64", "finetune.q_hidden_dim=64", "finetune.critic_warmup=0"]
+            "finetune.eval_every=640", "finetune.eval_episodes=1", "env.num_eval_envs=1", "finetune.save_every=640",
+            "finetune.save_buffer=false", "env.num_envs=2", "policy.hidden_dim=64", "policy.encoder_dim=64",
+            "finetune.q_hidden_dim=64", "finetune.critic_warmup=0"]
     run_cli(*args, "finetune.total_env_steps=640")
     first = torch.load(tmp_path / "finetune/checkpoints/last/training_state.pt", weights_only=False)
     assert "buffer" not in first and first["counters"]["updates"] > 0
-    run_cli(*args, "finetune.total_env_steps=1280", "--resume")
+    proc = run_cli(*args, "finetune.total_env_steps=1280", "--resume")
+    assert "empty replay buffer" in proc.stderr  # the user is told why updates pause
+    evals = [e["env_steps"] for e in json.loads((tmp_path / "finetune/summary.json").read_text())["evals"]]
+    assert evals[0] == 0 and evals[-1] >= 1280 and len(evals) == len(set(evals)) >= 3  # the whole run's evaluations
     start, done = first["counters"]["env_steps"], first["counters"]["updates"]
-    resumed = [(r["step"], r["updates"]) for r in metrics(tmp_path / "finetune") if r["step"] > start]
+    resumed = [(r["step"], r["updates"]) for r in metrics(tmp_path / "finetune")
+               if r["step"] > start and "updates" in r]
     waiting = [u for step, u in resumed if step < start + 320]
     assert len(waiting) >= 2 and all(u == done for u in waiting)  # fewer than learning_starts new steps: no update
     assert resumed[-1][0] >= 1280 and resumed[-1][1] > done  # and it learns again once they are collected

@@ -142,6 +142,14 @@ def generate_demos(env_id: str, out_path: str, num: int, seed_start: int = 0, wo
     return {"env_id": env_id, "kept": kept, "attempts": attempts, "solved": solved, "path": out_path}
 
 
+def failure_reason(output: str) -> str:
+    """The lines of a failed tool's output that say why: its last error line, not its progress bars."""
+    lines = [ln.strip() for ln in output.replace("\r", "\n").splitlines()]
+    lines = [ln for ln in lines if ln and not ("%|" in ln or "/s]" in ln or ln.startswith("warn"))]
+    errors = [ln for ln in lines if "Error" in ln or "error:" in ln or "Exception" in ln]
+    return " | ".join(errors[-1:] if errors else lines[-3:]) or "no output"
+
+
 def replay_convert(src: str, out_path: str, control_mode: str, obs_mode: str = "state",
                    reward_mode: str | None = "normalized_dense", workers: int = 1,
                    camera_size: int | None = None, count: int | None = None) -> dict:
@@ -154,6 +162,9 @@ def replay_convert(src: str, out_path: str, control_mode: str, obs_mode: str = "
     """
     from flowmanip.data.maniskill_io import json_path_for, read_maniskill_meta
 
+    if not src.endswith(".h5"):
+        raise FlowmanipError(f"{src}: replay reads a ManiSkill .h5 (with its .json beside it), not a "
+                             f"{os.path.splitext(src)[1] or 'extension-less'} file")
     meta, info = read_maniskill_meta(src)
     if not out_path.endswith(".h5"):
         raise FlowmanipError(f"{out_path}: output must end in .h5 (ManiSkill format)")
@@ -178,8 +189,8 @@ def replay_convert(src: str, out_path: str, control_mode: str, obs_mode: str = "
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_dir)
         produced = os.path.join(tmp_dir, f"source.{obs_mode}.{control_mode}.physx_cpu.h5")
         if proc.returncode != 0 or not os.path.exists(produced):
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-            raise FlowmanipError(f"{src}: ManiSkill replay to {control_mode}/{obs_mode} failed: {' | '.join(tail)}")
+            raise FlowmanipError(f"{src}: ManiSkill replay to {control_mode}/{obs_mode} failed: "
+                                 f"{failure_reason(proc.stderr or proc.stdout)}")
         with open(json_path_for(produced)) as f:
             converted = len(json.load(f)["episodes"])
         if converted == 0:  # nothing worth writing: leave out_path as it was

@@ -106,8 +106,10 @@ def read_maniskill_meta(h5_path: str) -> tuple[DatasetMeta, dict]:
     return meta, info
 
 
-def read_maniskill(h5_path: str, max_episodes: int | None = None) -> tuple[DatasetMeta, list[Episode]]:
-    """Load a ManiSkill ``.h5`` (+ ``.json``) file. Raises FlowmanipError on bad files."""
+def read_maniskill(h5_path: str, max_episodes: int | None = None,
+                   require_obs: bool = True) -> tuple[DatasetMeta, list[Episode]]:
+    """Load a ManiSkill ``.h5`` (+ ``.json``) file. Raises FlowmanipError on bad files. With
+    ``require_obs=False`` an episode recorded without observations loads with ``obs == {}``."""
     from flowmanip.data.validate import check_episode, check_same_shapes, open_h5
 
     meta, info = read_maniskill_meta(h5_path)
@@ -127,15 +129,18 @@ def read_maniskill(h5_path: str, max_episodes: int | None = None) -> tuple[Datas
                 raise FlowmanipError(f"{where}: episode listed in the JSON is missing from the HDF5 file")
             g = f[key]
             no_obs = ("the episode has no observations (recorded with obs_mode='none'); convert it first, "
-                      "e.g. tools/convert_demos.py replay FILE -o state -c pd_ee_delta_pos")
+                      f"e.g. flowmanip demos replay {h5_path} -c pd_ee_delta_pos --output OUT.h5")
             if "actions" not in g:
                 raise FlowmanipError(f"{where}: missing key 'actions'")
-            if "obs" not in g:
+            has_obs = "obs" in g and not (isinstance(g["obs"], h5py.Group) and len(g["obs"]) == 0)
+            if require_obs and "obs" not in g:
                 raise FlowmanipError(f"{where}: missing key 'obs': {no_obs}")
+            if require_obs and not has_obs:
+                raise FlowmanipError(f"{where}: {no_obs}")
             try:
-                if isinstance(g["obs"], h5py.Group) and len(g["obs"]) == 0:
-                    raise FlowmanipError(f"{where}: {no_obs}")
-                if isinstance(g["obs"], h5py.Dataset):
+                if not has_obs:
+                    obs = {}
+                elif isinstance(g["obs"], h5py.Dataset):
                     obs = {"state": np.asarray(g["obs"][()], dtype=np.float32)}
                 else:
                     obs = flatten_obs_tree(g["obs"], is_h5=True)

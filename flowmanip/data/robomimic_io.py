@@ -116,12 +116,14 @@ def read_robomimic(path: str, max_episodes: int | None = None) -> tuple[DatasetM
     return meta, episodes
 
 
-def read_dataset(path: str, max_episodes: int | None = None) -> tuple[DatasetMeta, list[Episode]]:
-    """Read either format, chosen by extension (``.h5`` ManiSkill, ``.hdf5`` robomimic)."""
+def read_dataset(path: str, max_episodes: int | None = None,
+                 require_obs: bool = True) -> tuple[DatasetMeta, list[Episode]]:
+    """Read either format, chosen by extension (``.h5`` ManiSkill, ``.hdf5`` robomimic); ``require_obs=False``
+    lets a ManiSkill file recorded without observations load (``demos inspect``)."""
     from flowmanip.data.maniskill_io import read_maniskill
 
     if path.endswith(".hdf5"):
         return read_robomimic(path, max_episodes)
     if path.endswith(".h5"):
-        return read_maniskill(path, max_episodes)
+        return read_maniskill(path, max_episodes, require_obs)
     raise FlowmanipError(f"{path}: unknown dataset format; expected a ManiSkill .h5 (+ .json) or a robomimic .hdf5 file")

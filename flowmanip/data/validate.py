@@ -48,7 +48,7 @@ def check_episode(episode, where: str) -> None:
     for name, value in (("rewards", episode.rewards), ("terminated", episode.terminated), ("success", episode.success)):
         if value is not None and value.shape[0] != T:
             raise FlowmanipError(f"{where}: '{name}' has {value.shape[0]} entries, expected {T}")
-    for name, value in (("actions", episode.actions), ("obs/state", episode.obs["state"]), ("rewards", episode.rewards)):
+    for name, value in (("actions", episode.actions), ("obs/state", episode.obs.get("state")), ("rewards", episode.rewards)):
         if value is not None and not np.all(np.isfinite(value)):
             bad = int(np.sum(~np.isfinite(value)))
             raise FlowmanipError(f"{where}: '{name}' contains {bad} NaN/inf values")
@@ -85,7 +85,8 @@ def summarize(meta, episodes) -> dict:
         "episodes": len(episodes),
         "steps": int(lengths.sum()),
         "episode_length": {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())},
-        "obs_shapes": {k: list(v.shape[1:]) for k, v in episodes[0].obs.items()},
+        "obs_shapes": {k: list(v.shape[1:]) for k, v in episodes[0].obs.items()} or
+        "none (actions only; `flowmanip demos replay` records observations)",
         "action_dim": int(actions.shape[1]),
         "action_min": [round(float(x), 4) for x in actions.min(0)],
         "action_max": [round(float(x), 4) for x in actions.max(0)],

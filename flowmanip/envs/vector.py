@@ -47,6 +47,8 @@ def env_kwargs(env_cfg, sim_backend: str) -> dict:
                   render_mode="rgb_array")
     if env_cfg.obs_mode == "rgb":
         kwargs["sensor_configs"] = dict(width=env_cfg.camera_size, height=env_cfg.camera_size)
+    if not torch.cuda.is_available():  # render on the CPU outright, not after a warning per env that CUDA is absent
+        kwargs["render_backend"] = "sapien_cpu"
     return kwargs
 
 

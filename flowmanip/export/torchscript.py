@@ -62,7 +62,9 @@ class DictPolicy(nn.Module):
         if "rgb" not in obs or "state" not in obs:
             raise ValueError("obs must be a dict with keys 'rgb' and 'state'")
         rgb, state = obs["rgb"], obs["state"]
-        if rgb.dtype != torch.uint8 or rgb.dim() != 4 or list(rgb.shape[1:]) != self.rgb_shape:
+        if rgb.dtype != torch.uint8:
+            raise ValueError("obs['rgb'] must be uint8 (0-255, HWC), as the env gives it; convert with .to(torch.uint8)")
+        if rgb.dim() != 4 or list(rgb.shape[1:]) != self.rgb_shape:
             raise ValueError("obs['rgb'] must be uint8 with shape [B, " + ", ".join([str(x) for x in self.rgb_shape])
                              + "] (HWC), got shape " + str(list(rgb.shape)))
         if state.dtype != torch.float32 or state.dim() != 2 or state.size(1) != self.obs_dim:
@@ -101,7 +103,7 @@ def export_checkpoint(checkpoint: str, output: str, fmt: str = "torchscript", st
     ckpt = load_checkpoint(checkpoint)
     policy = policy_from_checkpoint(ckpt).cpu()
     module_cls = DictPolicy if ckpt["spec"].get("rgb_shape") else StatePolicy
-    module = module_cls(policy, stochastic).eval()
+    module = module_cls(policy, stochastic).eval().requires_grad_(False)  # a controller needs no autograd graph
     meta = export_metadata(ckpt, stochastic, seed, fmt)
     if fmt == "torchscript":
         with warnings.catch_warnings():

@@ -9,6 +9,7 @@ writes checkpoints. Writes ``<out_dir>/finetune/`` like pretrain does.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import torch
@@ -24,6 +25,22 @@ def resolve_init(recipe) -> str | None:
     if init is None:
         return os.path.join(recipe.out_dir, "pretrain", "checkpoints", "last")
     return None if init.lower() in ("none", "scratch", "") else init
+
+
+def earlier_evals(metrics_path: str, up_to: int) -> list[dict]:
+    """The evaluations a resumed run made before its checkpoint, read back from its metrics.jsonl,
+    so that summary.json covers the whole run (their time_s is that of the earlier process)."""
+    import json
+
+    evals = []
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            for line in f:
+                row = json.loads(line) if line.strip() else {}
+                if "eval/success_once" in row and row["step"] <= up_to:
+                    evals.append({"env_steps": row["step"], **{k[5:]: v for k, v in row.items()
+                                                                 if k.startswith("eval/")}})
+    return evals
 
 
 def next_multiple(step: int, every: int) -> int:
@@ -95,7 +112,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                                             set_rng_state)
     from flowmanip.train.evaluate import check_env_matches_spec, evaluate_policy
     from flowmanip.train.logger import MetricsLogger, plot_curves
-    from flowmanip.train.pretrain import load_demos, prepare_stage_dir
+    from flowmanip.train.pretrain import check_out_dir, load_demos, prepare_stage_dir
     from flowmanip.train.replay import ReplayBuffer, concat_batches
     from flowmanip.utils import atomic_output, device_for, set_seed
 
@@ -109,6 +126,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
         # env workers and updates share the cores; oversubscribed OpenMP threads spin and stall both
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 * world)))
     stage_dir = os.path.join(recipe.out_dir, "finetune")
+    check_out_dir(stage_dir)
 
     # --- everything that can fail on user input, before any env starts -------------------
     use_demos = recipe.data is not None and bool(recipe.data.path) and (cfg.bc_weight > 0 or cfg.demo_fraction != 0)
@@ -116,8 +134,9 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
     if use_demos:
         meta, episodes = load_demos(recipe)
         if not all(e.rewards is not None for e in episodes):
-            raise FlowmanipError(f"{recipe.data.path}: demos have no rewards; convert them with "
-                                 f"--reward-mode {recipe.env.reward_mode} (tools/convert_demos.py replay)")
+            raise FlowmanipError(f"{recipe.data.path}: demos have no rewards; convert them with `flowmanip demos "
+                                 f"replay FILE -c {recipe.env.control_mode} --reward-mode {recipe.env.reward_mode} "
+                                 "--output OUT.h5`")
         if meta.reward_mode is not None and meta.reward_mode != recipe.env.reward_mode:
             raise FlowmanipError(f"{recipe.data.path}: demo rewards are {meta.reward_mode!r}, "
                                  f"the recipe's env.reward_mode is {recipe.env.reward_mode!r}")
@@ -136,6 +155,9 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                            what="the run to resume" if resume else "init checkpoint")
     if is_main:
         prepare_stage_dir(stage_dir, resume, overwrite)
+        source = "resuming " + init_ckpt["path"] if resume else (
+            "starting from " + init_ckpt["path"] if init_ckpt is not None else "from scratch (finetune.init=none)")
+        print(f"finetune: {source}", file=sys.stderr)
     accelerator.wait_for_everyone()
 
     # --- envs, models ----------------------------------------------------------------------
@@ -191,6 +213,10 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             else:  # collect learning_starts env steps again before updating, so that the first
                 # updates do not replay a handful of transitions over and over
                 learn_from = counters["env_steps"] + cfg.learning_starts
+                if is_main:
+                    print(f"resuming at env step {counters['env_steps']} with an empty replay buffer (the run was "
+                          f"saved with finetune.save_buffer=false): updates restart after {cfg.learning_starts} "
+                          "new env steps (finetune.learning_starts)", file=sys.stderr)
             set_rng_state(ts["rng"])
         torch.manual_seed(recipe.seed + 1000 * rank + counters["env_steps"])  # per-rank sampling and noise
 
@@ -254,7 +280,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
 
         # --- the loop -----------------------------------------------------------------
         t0 = time.time()
-        history = []
+        history = earlier_evals(os.path.join(stage_dir, "metrics.jsonl"), counters["env_steps"]) if resume else []
         recent, info = [], {}
         next_log = next_multiple(counters["env_steps"], cfg.log_every)
         if cfg.eval_every <= 0 or cfg.eval_episodes <= 0:
@@ -369,7 +395,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             plot_curves(logger.path, os.path.join(stage_dir, "learning_curve.png"),
                         ["eval/success_once", "q_mean", "alpha", "critic_loss"], title=f"{recipe.name} finetune")
         accelerator.wait_for_everyone()
-        return {"stage_dir": stage_dir, **summary}
+        return {"stage_dir": stage_dir, "is_main": is_main, **summary}
     finally:
         env.close()
         if eval_env is not None:

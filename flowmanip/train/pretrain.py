@@ -42,7 +42,17 @@ def policy_from_checkpoint(ckpt: dict, ema: bool = True) -> Policy:
     return policy.eval()
 
 
+def check_out_dir(path: str) -> None:
+    """``path`` (out_dir or below) can become a directory: no part of it is an existing file."""
+    parent = path
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):  # e.g. out_dir=policy.pt
+        raise FlowmanipError(f"{parent}: is a file; out_dir must be a directory (or a path that does not exist yet)")
+
+
 def prepare_stage_dir(stage_dir: str, resume: bool, overwrite: bool = False) -> None:
+    check_out_dir(stage_dir)
     has_ckpt = os.path.isdir(os.path.join(stage_dir, "checkpoints"))
     if resume:
         if not has_ckpt:
@@ -75,6 +85,7 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
     recipe = load_recipe(recipe_path, overrides)
     cfg = recipe.pretrain
     stage_dir = os.path.join(recipe.out_dir, "pretrain")
+    check_out_dir(stage_dir)
     _, episodes = load_demos(recipe)
     prepare_stage_dir(stage_dir, resume, overwrite)
     start_step, ckpt = 0, None
@@ -157,6 +168,8 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
             if done % cfg.save_every == 0 or done == cfg.steps:
                 save(done)
         if start_step >= cfg.steps:
+            bar.write(f"{stage_dir}: already at step {start_step} of pretrain.steps={cfg.steps}; nothing to train "
+                      "(raise pretrain.steps to continue it)")
             save(cfg.steps)
         plot_curves(logger.path, os.path.join(stage_dir, "learning_curve.png"),
                     ["loss", "eval/success_once", "eval/success_at_end"], title=f"{recipe.name} pretrain")
