@@ -9,7 +9,7 @@ RECIPE=${RECIPE:-recipes/pickcube.yaml}
 OUT=${OUT:-runs/quickstart}
 EPISODES=${EPISODES:-50}
 FM=".venv/bin/flowmanip"
-$FM pretrain --overwrite "$RECIPE" out_dir="$OUT" "$@"  # options before the recipe: argparse takes no options between overrides
+$FM pretrain --overwrite "$RECIPE" out_dir="$OUT" "$@"
 $FM finetune --overwrite "$RECIPE" out_dir="$OUT" finetune.total_env_steps="${FINETUNE_STEPS:-10000}" "$@"
 before=$($FM eval "$OUT/pretrain" --episodes "$EPISODES" --json)
 after=$($FM eval "$OUT/finetune" --episodes "$EPISODES" --json)
