@@ -151,6 +151,8 @@ def _run(args) -> int:
                 json.dump(result, f, indent=1)
             episodes = result.pop("per_episode")
             result["failed_seeds"] = [e["seed"] for e in episodes if not e["success_once"]]
+        if args.video:
+            result["videos"] = os.path.abspath(args.video)
         if args.json:
             print(json.dumps(result))
         else:

@@ -47,7 +47,7 @@ def test_pickcube_pretrain_eval_finetune(demo_dir, tmp_path):
     assert sorted(p.name for p in videos.iterdir()) == ["seed0.mp4", "seed1.mp4", "seed2.mp4"]  # not the padding
     assert all(p.stat().st_size > 1000 for p in videos.iterdir())
     assert set(result) >= {"success_once", "success_at_end", "return_mean", "episodes", "failed_seeds"}
-    assert result["episodes"] == 3 and 0 <= result["success_once"] <= 1
+    assert result["episodes"] == 3 and 0 <= result["success_once"] <= 1 and result["videos"] == str(videos)
     # 3 episodes on 2 eval envs: two rounds, the fourth episode dropped; the records add up to the means
     episodes = json.loads(per_episode.read_text())["per_episode"]
     assert [e["seed"] for e in episodes] == [0, 1, 2]
@@ -62,7 +62,8 @@ def test_pickcube_pretrain_eval_finetune(demo_dir, tmp_path):
     assert quiet["return_mean"] == pytest.approx(result["return_mean"], rel=1e-2)
     assert loud["return_mean"] != pytest.approx(result["return_mean"], rel=1e-2)
     # more Euler steps of the same field at inference: another deterministic rollout; K < 1 is refused
-    fine = json.loads(run_cli("eval", stage, "--episodes", 3, "--json", "--flow-steps", 16).stdout.strip().splitlines()[-1])
+    fine = json.loads(run_cli("eval", stage / "checkpoints/last/policy.pt", "--episodes", 3, "--json",  # the file works too
+                              "--flow-steps", 16).stdout.strip().splitlines()[-1])
     assert fine["flow_steps"] == 16 and "stochastic" not in fine
     assert fine["return_mean"] != pytest.approx(result["return_mean"], rel=1e-4)
     wrong = run_cli("eval", stage, "--flow-steps", 0, check=False)
@@ -70,9 +71,11 @@ def test_pickcube_pretrain_eval_finetune(demo_dir, tmp_path):
 
     # fine-tune from that checkpoint (the recipe's default init) and check the critic learns
     # with its own rollout noise: sigma is a fine-tune setting, the pretrain checkpoint's (0.1) must not override it
-    run_cli("finetune", "recipes/pickcube.yaml", data, f"out_dir={out}", *TINY_PRETRAIN, *TINY_FINETUNE,
-            "policy.sigma=0.05")
+    done = run_cli("finetune", "recipes/pickcube.yaml", data, f"out_dir={out}", *TINY_PRETRAIN, *TINY_FINETUNE,
+                   "policy.sigma=0.05")
     stage = out / "finetune"
+    assert f"finetune done: checkpoint {stage / 'checkpoints' / 'last'}" in done.stdout, done.stdout
+    assert f"starting from {out / 'pretrain' / 'checkpoints'}" in done.stderr
     rows = metrics(stage)
     sigmas = [r["sigma"] for r in rows if "sigma" in r]
     assert sigmas and all(v == pytest.approx(0.05) for v in sigmas), sigmas

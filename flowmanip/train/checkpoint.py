@@ -62,7 +62,10 @@ def save_checkpoint(stage_dir: str, step: int, recipe, spec: dict, weights: dict
 
 
 def resolve_checkpoint(path: str) -> str:
-    """Accept a checkpoint dir, a stage dir (…/pretrain) or a run dir with one stage."""
+    """Accept a checkpoint dir or its policy.pt, a stage dir (…/pretrain), or a run dir (its finetune
+    stage when it has one, else its pretrain stage)."""
+    if os.path.basename(path) == "policy.pt" and os.path.isfile(path):
+        path = os.path.dirname(path) or "."
     candidates = [path, os.path.join(path, "checkpoints", "last")]
     for stage in ("finetune", "pretrain"):
         candidates.append(os.path.join(path, stage, "checkpoints", "last"))
