@@ -104,8 +104,6 @@ def _check_options(args) -> None:
         if path:  # before any work: a 100-episode eval should not end in "that is a directory"
             check_output_file(path)
     if args.command == "eval":
-        if args.num_envs is not None and args.num_envs < 1:
-            raise FlowmanipError(f"--num-envs must be >= 1, got {args.num_envs}")
         if args.video and os.path.exists(args.video) and not os.path.isdir(args.video):
             raise FlowmanipError(f"--video {args.video}: is a file; expected a directory for the MP4s")
     elif args.command == "export":

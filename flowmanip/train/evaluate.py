@@ -102,6 +102,10 @@ def evaluate_checkpoint(path: str, episodes: int | None = None, seed: int | None
         raise FlowmanipError(f"--sigma must be > 0, got {sigma}")
     if flow_steps is not None and flow_steps < 1:
         raise FlowmanipError(f"--flow-steps must be >= 1, got {flow_steps}")
+    if num_envs is not None and num_envs < 1:
+        raise FlowmanipError(f"--num-envs must be >= 1, got {num_envs}")
+    if backend == "gpu" and not torch.cuda.is_available():
+        raise FlowmanipError("--backend gpu: CUDA is not available here; use --backend auto or cpu")
     stochastic = stochastic or sigma is not None
     ckpt = load_checkpoint(path)
     recipe = ckpt["recipe"]
