@@ -28,6 +28,18 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def save_success_plot(fig, ax, path: str, title: str, ylabel: str = "success_once", legend_size=None) -> None:
+    """Finish a success-vs-env-steps plot the same way in every script and write it to ``path``."""
+    ax.set_xlabel("online env steps")
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
 def write(results_dir: str, name: str, payload: dict) -> str:
     os.makedirs(results_dir, exist_ok=True)
     path = os.path.join(results_dir, f"{name}.json")

@@ -26,7 +26,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table, write  # noqa: E402
+from common import save_success_plot, table, write  # noqa: E402
 
 
 def run_variant(recipe, variant, seed, steps, out, overrides, scratch, results):
@@ -77,14 +77,7 @@ def plot(curves: dict, path: str, title: str) -> None:
         ax.plot(xs, ys.mean(0), marker="o", label=variant)
         if len(runs) > 1:
             ax.fill_between(xs, ys.min(0), ys.max(0), alpha=0.2)
-    ax.set_xlabel("online env steps")
-    ax.set_ylabel("success_once")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_success_plot(fig, ax, path, title)
 
 
 def main():

@@ -22,7 +22,7 @@ import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import table, write  # noqa: E402
+from common import save_success_plot, table, write  # noqa: E402
 
 
 def collect(paths: list[str]) -> tuple[dict, list[str]]:
@@ -32,16 +32,18 @@ def collect(paths: list[str]) -> tuple[dict, list[str]]:
         try:
             with open(path) as f:
                 data = json.load(f)
-            pairs = [(row["variant"], row["seed"]) for row in data["rows"]]
-            curves = data["curves"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            # rows list (variant, seed) in the order their curves were appended
+            seen, found = {}, []
+            for row in data["rows"]:
+                variant, seed = row["variant"], row["seed"]
+                k = seen.get(variant, 0)
+                seen[variant] = k + 1
+                found.append((variant, seed, data["curves"][variant][k]))
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             sys.exit(f"seed_summary: {path}: not a finetune_curves.py result ({type(e).__name__}: {e})")
-        # rows list (variant, seed) in the order their curves were appended
-        seen = {}
-        for variant, seed in pairs:
-            k = seen.get(variant, 0)
-            seen[variant] = k + 1
-            evals = curves[variant][k]
+        for variant, seed, evals in found:
+            if not evals:
+                sys.exit(f"seed_summary: {path}: {variant} seed {seed} has no evaluations")
             have = runs.setdefault(variant, {}).get(seed)
             if have is not None:
                 keep, drop = (have, (evals, path)) if len(have[0]) >= len(evals) else ((evals, path), have)
@@ -60,6 +62,11 @@ def summarize(runs: dict, labels: dict, threshold: float) -> tuple[list[dict], l
         seed_ids = sorted(seeds)
         n = min(len(seeds[s][0]) for s in seed_ids)  # the steps every seed reached
         steps = [seeds[seed_ids[0]][0][i]["env_steps"] for i in range(n)]
+        for s in seed_ids:  # means over seeds only make sense at the same steps
+            theirs = [e["env_steps"] for e in seeds[s][0][:n]]
+            if theirs != steps:
+                sys.exit(f"seed_summary: {variant} seed {s} ({seeds[s][1]}) evaluated at {theirs}, "
+                         f"seed {seed_ids[0]} at {steps}: use runs with the same finetune.eval_every")
         values = [[seeds[s][0][i]["success_once"] for s in seed_ids] for i in range(n)]
         episodes = sorted({e.get("episodes") for s in seed_ids for e in seeds[s][0][:n]} - {None})
         for step, vals in zip(steps, values):
@@ -95,14 +102,7 @@ def plot(curves: dict, path: str, title: str) -> None:
         ax.fill_between(c["env_steps"], ys.min(1), ys.max(1), color=line.get_color(), alpha=0.15)
         for j in range(ys.shape[1]):
             ax.plot(c["env_steps"], ys[:, j], color=line.get_color(), lw=0.6, alpha=0.5)
-    ax.set_xlabel("online env steps")
-    ax.set_ylabel("success_once (mean, min-max)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_success_plot(fig, ax, path, title, "success_once (mean, min-max)", legend_size=8)
 
 
 def main():

@@ -98,14 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_options(args) -> None:
     """Option checks that need no recipe or env, so that a long run does not end in a bad-path error."""
-    from flowmanip.utils import check_output_file
+    from flowmanip.utils import check_output_dir, check_output_file
 
     for path in (getattr(args, "output", None), getattr(args, "per_episode", None)):
         if path:  # before any work: a 100-episode eval should not end in "that is a directory"
             check_output_file(path)
-    if args.command == "eval":
-        if args.video and os.path.exists(args.video) and not os.path.isdir(args.video):
-            raise FlowmanipError(f"--video {args.video}: is a file; expected a directory for the MP4s")
+    if args.command == "eval" and args.video:
+        check_output_dir(args.video, "--video")
     elif args.command == "export":
         suffix_fmt = "onnx" if args.output.lower().endswith(".onnx") else "torchscript"
         if args.format is None:
@@ -116,6 +115,12 @@ def _check_options(args) -> None:
                                  f"name the output {'*.onnx' if args.format == 'onnx' else '*.pt'} or drop --format")
         if args.seed is not None and not args.stochastic:
             raise FlowmanipError("--seed seeds the noise of --stochastic; the deterministic export has none")
+        if args.format == "onnx":
+            try:
+                import onnx  # noqa: F401
+            except ImportError:
+                raise FlowmanipError("ONNX export needs the onnx package: pip install -e '.[dev]' "
+                                     "(or name the output *.pt for TorchScript)") from None
     elif args.command == "demos" and args.demos_command == "replay":
         if os.sep in args.obs_mode or args.obs_mode.endswith((".h5", ".hdf5")):
             raise FlowmanipError(f"-o/--obs-mode {args.obs_mode!r} looks like a file; -o is the observation mode "

@@ -166,14 +166,14 @@ class Recipe:
 
 
 def _all_keys(cls, prefix: str = "") -> list[str]:
-    """Every dotted key of a config dataclass, sections included (``pretrain``, ``pretrain.steps``, ...)."""
+    """Every dotted setting of a config dataclass (``seed``, ``pretrain.steps``, ...), not the section names."""
     keys = []
     for f in dataclasses.fields(cls):
-        key = prefix + f.name
-        keys.append(key)
         sub = f.default_factory if f.default_factory is not dataclasses.MISSING else None
         if sub is not None and dataclasses.is_dataclass(sub):
-            keys += _all_keys(sub, key + ".")
+            keys += _all_keys(sub, prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
     return keys
 
 
@@ -182,7 +182,8 @@ def _omegaconf_error(e, source: str, key_hint: str = "?") -> FlowmanipError:
 
     key = getattr(e, "full_key", None) or key_hint
     if isinstance(e, ConfigKeyError):
-        close = difflib.get_close_matches(key, _all_keys(Recipe), n=1)
+        typed = key_hint if key_hint.startswith(key) else key  # the whole dotted key, where the user typed one
+        close = difflib.get_close_matches(typed, _all_keys(Recipe), n=1, cutoff=0.8)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return FlowmanipError(f"{source}: unknown config key '{key}'{hint}")
     if isinstance(e, ValidationError):

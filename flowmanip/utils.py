@@ -8,12 +8,24 @@ import shutil
 import tempfile
 
 
+def check_output_dir(path: str, what: str = "out_dir") -> None:
+    """``path`` can become a directory: no part of it is an existing file (checked before any work)."""
+    from flowmanip.errors import FlowmanipError
+
+    parent = path
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):  # e.g. out_dir=policy.pt
+        raise FlowmanipError(f"{parent}: is a file; {what} must be a directory (or a path that does not exist yet)")
+
+
 def check_output_file(path: str) -> None:
-    """Refuse an output path that is an existing directory (before any work is done)."""
+    """Refuse an output path that is an existing directory, or lies below a file (before any work is done)."""
     from flowmanip.errors import FlowmanipError
 
     if os.path.isdir(path):
         raise FlowmanipError(f"{path} is a directory; expected the path of a file to write")
+    check_output_dir(os.path.dirname(path) or ".", "the output's folder")
 
 
 @contextlib.contextmanager

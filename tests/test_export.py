@@ -84,6 +84,8 @@ def test_exported_module_rejects_bad_input(state_ckpt, tmp_path):
     with pytest.raises(Exception, match="float32"):
         policy(torch.zeros(1, 42, dtype=torch.float64))
     assert not policy(torch.zeros(1, 42)).requires_grad  # a controller's call builds no autograd graph
+    proc = run_cli("eval", path, check=False)  # the exported file is not a checkpoint: say so
+    assert proc.returncode == 2 and "is an exported policy (TorchScript)" in proc.stderr, proc.stderr
 
 
 def test_export_format_follows_the_file_name(state_ckpt, tmp_path):

@@ -36,9 +36,11 @@ def _worker(env_id: str, seeds: list[int], quota: int, only_success: bool, out_d
     from mani_skill.examples.motionplanning.panda import solutions
     from mani_skill.utils.wrappers.record import RecordEpisode
 
+    from flowmanip.envs.vector import render_kwargs
+
     solve = getattr(solutions, SOLVERS[env_id])
     env = gym.make(env_id, obs_mode="none", control_mode="pd_joint_pos", render_mode="rgb_array",
-                   sim_backend="physx_cpu")
+                   sim_backend="physx_cpu", **render_kwargs())
     env = RecordEpisode(env, output_dir=out_dir, trajectory_name=name, save_video=False,
                         source_type="motionplanning", source_desc="ManiSkill motion-planning solution (flowmanip)",
                         record_reward=False, save_on_reset=False)
@@ -190,7 +192,7 @@ def replay_convert(src: str, out_path: str, control_mode: str, obs_mode: str = "
         produced = os.path.join(tmp_dir, f"source.{obs_mode}.{control_mode}.physx_cpu.h5")
         if proc.returncode != 0 or not os.path.exists(produced):
             raise FlowmanipError(f"{src}: ManiSkill replay to {control_mode}/{obs_mode} failed: "
-                                 f"{failure_reason(proc.stderr or proc.stdout)}")
+                                 f"{failure_reason(proc.stderr + chr(10) + proc.stdout)}")
         with open(json_path_for(produced)) as f:
             converted = len(json.load(f)["episodes"])
         if converted == 0:  # nothing worth writing: leave out_path as it was

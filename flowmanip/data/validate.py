@@ -85,14 +85,15 @@ def summarize(meta, episodes) -> dict:
         "episodes": len(episodes),
         "steps": int(lengths.sum()),
         "episode_length": {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())},
-        "obs_shapes": {k: list(v.shape[1:]) for k, v in episodes[0].obs.items()} or
-        "none (actions only; `flowmanip demos replay` records observations)",
+        "obs_shapes": {k: list(v.shape[1:]) for k, v in episodes[0].obs.items()},
         "action_dim": int(actions.shape[1]),
         "action_min": [round(float(x), 4) for x in actions.min(0)],
         "action_max": [round(float(x), 4) for x in actions.max(0)],
         "success_at_end": float(np.mean(known)) if known else None,
         "has_rewards": all(e.rewards is not None for e in episodes),
     }
+    if not episodes[0].obs:
+        summary["note"] = "actions only, no observations: `flowmanip demos replay` records them"
     return summary
 
 

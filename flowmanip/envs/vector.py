@@ -47,9 +47,12 @@ def env_kwargs(env_cfg, sim_backend: str) -> dict:
                   render_mode="rgb_array")
     if env_cfg.obs_mode == "rgb":
         kwargs["sensor_configs"] = dict(width=env_cfg.camera_size, height=env_cfg.camera_size)
-    if not torch.cuda.is_available():  # render on the CPU outright, not after a warning per env that CUDA is absent
-        kwargs["render_backend"] = "sapien_cpu"
-    return kwargs
+    return {**kwargs, **render_kwargs()}
+
+
+def render_kwargs() -> dict:
+    """Without CUDA, render on the CPU outright: ManiSkill would try CUDA first and warn once per env."""
+    return {} if torch.cuda.is_available() else {"render_backend": "sapien_cpu"}
 
 
 def obs_to_numpy(raw) -> dict:

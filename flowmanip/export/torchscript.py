@@ -116,7 +116,8 @@ def export_checkpoint(checkpoint: str, output: str, fmt: str = "torchscript", st
                 torch.jit.save(scripted, tmp, _extra_files={"meta.json": json.dumps(meta)})
     elif fmt == "onnx":
         if module_cls is DictPolicy or stochastic:
-            raise FlowmanipError("--format onnx supports deterministic state policies; use torchscript")
+            raise FlowmanipError("ONNX export supports deterministic state policies; name the output *.pt "
+                                 "for TorchScript")
         example = torch.zeros(1, ckpt["spec"]["obs_dim"])
         with atomic_output(output) as tmp:
             torch.onnx.export(module, (example,), tmp, input_names=["obs"], output_names=["action"],

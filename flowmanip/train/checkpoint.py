@@ -76,6 +76,17 @@ def resolve_checkpoint(path: str) -> str:
                          "e.g. runs/pickcube/pretrain/checkpoints/last)")
 
 
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive is a zip with compiled code in it; a torch.save file has none."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any("/code/" in name for name in z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def load_checkpoint(path: str, with_training_state: bool = False) -> dict:
     path = resolve_checkpoint(path)
     try:
@@ -87,6 +98,9 @@ def load_checkpoint(path: str, with_training_state: bool = False) -> dict:
         policy.setdefault("decoder_memory_tokens", 1)
         ckpt["recipe"] = from_dict(ckpt["config"])
     except Exception as e:
+        if _is_torchscript(os.path.join(path, "policy.pt")):
+            raise FlowmanipError(f"{path}/policy.pt: is an exported policy (TorchScript), not a training checkpoint; "
+                                 "give the checkpoint directory it was exported from") from None
         raise FlowmanipError(f"{path}/policy.pt: cannot load checkpoint ({type(e).__name__}: {e})") from None
     ckpt["path"] = path
     if with_training_state:

@@ -29,7 +29,7 @@ def resolve_init(recipe) -> str | None:
 
 def earlier_evals(metrics_path: str, up_to: int) -> list[dict]:
     """The evaluations a resumed run made before its checkpoint, read back from its metrics.jsonl,
-    so that summary.json covers the whole run (their time_s is that of the earlier process)."""
+    so that summary.json covers the whole run. Their ``time_s`` is None: it belonged to the earlier process."""
     import json
 
     evals = []
@@ -38,8 +38,11 @@ def earlier_evals(metrics_path: str, up_to: int) -> list[dict]:
             for line in f:
                 row = json.loads(line) if line.strip() else {}
                 if "eval/success_once" in row and row["step"] <= up_to:
-                    evals.append({"env_steps": row["step"], **{k[5:]: v for k, v in row.items()
-                                                                 if k.startswith("eval/")}})
+                    e = {"env_steps": row["step"], "time_s": None,
+                         **{k[5:]: v for k, v in row.items() if k.startswith("eval/")}}
+                    if "episodes" in e:  # the logger writes every value as a float
+                        e["episodes"] = int(e["episodes"])
+                    evals.append(e)
     return evals
 
 
@@ -112,7 +115,8 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                                             set_rng_state)
     from flowmanip.train.evaluate import check_env_matches_spec, evaluate_policy
     from flowmanip.train.logger import MetricsLogger, plot_curves
-    from flowmanip.train.pretrain import check_out_dir, load_demos, prepare_stage_dir
+    from flowmanip.train.pretrain import load_demos, prepare_stage_dir
+    from flowmanip.utils import check_output_dir
     from flowmanip.train.replay import ReplayBuffer, concat_batches
     from flowmanip.utils import atomic_output, device_for, set_seed
 
@@ -126,7 +130,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
         # env workers and updates share the cores; oversubscribed OpenMP threads spin and stall both
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // (2 * world)))
     stage_dir = os.path.join(recipe.out_dir, "finetune")
-    check_out_dir(stage_dir)
+    check_output_dir(stage_dir)  # before anything loads: out_dir=policy.pt is a typo, not a run
 
     # --- everything that can fail on user input, before any env starts -------------------
     use_demos = recipe.data is not None and bool(recipe.data.path) and (cfg.bc_weight > 0 or cfg.demo_fraction != 0)
@@ -280,7 +284,9 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
 
         # --- the loop -----------------------------------------------------------------
         t0 = time.time()
-        history = earlier_evals(os.path.join(stage_dir, "metrics.jsonl"), counters["env_steps"]) if resume else []
+        # the main rank truncated metrics.jsonl to the checkpoint when it made its logger; only it reads it back
+        history = earlier_evals(os.path.join(stage_dir, "metrics.jsonl"), counters["env_steps"]) \
+            if resume and is_main else []
         recent, info = [], {}
         next_log = next_multiple(counters["env_steps"], cfg.log_every)
         if cfg.eval_every <= 0 or cfg.eval_episodes <= 0:

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from flowmanip.config import load_recipe, to_yaml
 from flowmanip.errors import FlowmanipError
 from flowmanip.models.policy import Policy
-from flowmanip.utils import atomic_output, device_for
+from flowmanip.utils import atomic_output, check_output_dir, device_for
 
 
 def load_demos(recipe):
@@ -42,17 +42,7 @@ def policy_from_checkpoint(ckpt: dict, ema: bool = True) -> Policy:
     return policy.eval()
 
 
-def check_out_dir(path: str) -> None:
-    """``path`` (out_dir or below) can become a directory: no part of it is an existing file."""
-    parent = path
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if parent and not os.path.isdir(parent):  # e.g. out_dir=policy.pt
-        raise FlowmanipError(f"{parent}: is a file; out_dir must be a directory (or a path that does not exist yet)")
-
-
 def prepare_stage_dir(stage_dir: str, resume: bool, overwrite: bool = False) -> None:
-    check_out_dir(stage_dir)
     has_ckpt = os.path.isdir(os.path.join(stage_dir, "checkpoints"))
     if resume:
         if not has_ckpt:
@@ -85,7 +75,7 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
     recipe = load_recipe(recipe_path, overrides)
     cfg = recipe.pretrain
     stage_dir = os.path.join(recipe.out_dir, "pretrain")
-    check_out_dir(stage_dir)
+    check_output_dir(stage_dir)  # before the demos load: out_dir=policy.pt is a typo, not a run
     _, episodes = load_demos(recipe)
     prepare_stage_dir(stage_dir, resume, overwrite)
     start_step, ckpt = 0, None
