@@ -109,7 +109,7 @@ def _check_options(args) -> None:
         suffix_fmt = "onnx" if args.output.lower().endswith(".onnx") else "torchscript"
         if args.format is None:
             args.format = suffix_fmt
-        elif args.format != suffix_fmt and (args.format == "onnx" or suffix_fmt == "onnx"):
+        elif args.format != suffix_fmt:  # one of the two is onnx
             raise FlowmanipError(f"-o {args.output}: --format {args.format} writes "
                                  f"{'an .onnx file' if args.format == 'onnx' else 'TorchScript'}; "
                                  f"name the output {'*.onnx' if args.format == 'onnx' else '*.pt'} or drop --format")
@@ -138,7 +138,7 @@ def _run(args) -> int:
         from flowmanip.train.finetune import run_finetune
 
         r = run_finetune(args.recipe, args.overrides, resume=args.resume, overwrite=args.overwrite)
-        if r.get("is_main", True):
+        if r["is_main"]:
             _print_done("finetune", r["stage_dir"], r["final_eval"])
     elif args.command == "eval":
         from flowmanip.train.evaluate import evaluate_checkpoint

@@ -128,15 +128,15 @@ def read_maniskill(h5_path: str, max_episodes: int | None = None,
             if key not in f:
                 raise FlowmanipError(f"{where}: episode listed in the JSON is missing from the HDF5 file")
             g = f[key]
-            no_obs = ("the episode has no observations (recorded with obs_mode='none'); convert it first, "
-                      f"e.g. flowmanip demos replay {h5_path} -c pd_ee_delta_pos --output OUT.h5")
             if "actions" not in g:
                 raise FlowmanipError(f"{where}: missing key 'actions'")
             has_obs = "obs" in g and not (isinstance(g["obs"], h5py.Group) and len(g["obs"]) == 0)
-            if require_obs and "obs" not in g:
-                raise FlowmanipError(f"{where}: missing key 'obs': {no_obs}")
             if require_obs and not has_obs:
-                raise FlowmanipError(f"{where}: {no_obs}")
+                missing = "" if "obs" in g else "missing key 'obs': "
+                raise FlowmanipError(
+                    f"{where}: {missing}the episode has no observations "
+                    "(recorded with obs_mode='none'); convert it first, "
+                    f"e.g. flowmanip demos replay {h5_path} -c pd_ee_delta_pos --output OUT.h5")
             try:
                 if not has_obs:
                     obs = {}

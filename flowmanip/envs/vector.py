@@ -33,11 +33,12 @@ class ChunkResult:
     episodes: list  # finished episodes: dicts with return, length, success_once, success_at_end
 
 
-def resolve_backend(backend: str) -> str:
+def resolve_backend(backend: str, setting: str = "env.backend") -> str:
+    """``auto`` -> ``gpu`` with CUDA, else ``cpu``; ``gpu`` without CUDA is an error naming ``setting``."""
     if backend == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     if backend == "gpu" and not torch.cuda.is_available():
-        raise FlowmanipError("env.backend=gpu but CUDA is not available; use env.backend=auto or cpu")
+        raise FlowmanipError(f"{setting}=gpu but CUDA is not available; use {setting}=auto or cpu")
     return backend
 
 

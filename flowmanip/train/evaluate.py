@@ -92,7 +92,7 @@ def evaluate_checkpoint(path: str, episodes: int | None = None, seed: int | None
     (the fine-tune's behaviour policy; ``sigma`` replaces a flow policy's rollout noise, ``flow_steps``
     its number of Euler steps K). ``episodes`` and ``seed`` default to the checkpoint recipe's ``eval``
     settings."""
-    from flowmanip.envs import make_vector_env
+    from flowmanip.envs import make_vector_env, resolve_backend
     from flowmanip.train.checkpoint import load_checkpoint
     from flowmanip.train.pretrain import policy_from_checkpoint
 
@@ -104,8 +104,8 @@ def evaluate_checkpoint(path: str, episodes: int | None = None, seed: int | None
         raise FlowmanipError(f"--flow-steps must be >= 1, got {flow_steps}")
     if num_envs is not None and num_envs < 1:
         raise FlowmanipError(f"--num-envs must be >= 1, got {num_envs}")
-    if backend == "gpu" and not torch.cuda.is_available():
-        raise FlowmanipError("--backend gpu: CUDA is not available here; use --backend auto or cpu")
+    if backend is not None:
+        resolve_backend(backend, "--backend")  # before the checkpoint loads
     stochastic = stochastic or sigma is not None
     ckpt = load_checkpoint(path)
     recipe = ckpt["recipe"]

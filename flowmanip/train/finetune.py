@@ -27,22 +27,20 @@ def resolve_init(recipe) -> str | None:
     return None if init.lower() in ("none", "scratch", "") else init
 
 
-def earlier_evals(metrics_path: str, up_to: int) -> list[dict]:
-    """The evaluations a resumed run made before its checkpoint, read back from its metrics.jsonl,
-    so that summary.json covers the whole run. Their ``time_s`` is None: it belonged to the earlier process."""
-    import json
+def earlier_evals(metrics_path: str) -> list[dict]:
+    """The evaluations logged in ``metrics_path``, as ``summary.json`` lists them. A resumed run's
+    logger has already cut the file back to the checkpoint, so these are the ones made before it;
+    their ``time_s`` is None: it belonged to the earlier process."""
+    from flowmanip.train.logger import read_metrics
 
     evals = []
-    if os.path.exists(metrics_path):
-        with open(metrics_path) as f:
-            for line in f:
-                row = json.loads(line) if line.strip() else {}
-                if "eval/success_once" in row and row["step"] <= up_to:
-                    e = {"env_steps": row["step"], "time_s": None,
-                         **{k[5:]: v for k, v in row.items() if k.startswith("eval/")}}
-                    if "episodes" in e:  # the logger writes every value as a float
-                        e["episodes"] = int(e["episodes"])
-                    evals.append(e)
+    for row in read_metrics(metrics_path) if os.path.exists(metrics_path) else []:
+        if "eval/success_once" in row:
+            e = {"env_steps": row["step"], "time_s": None,
+                 **{k[5:]: v for k, v in row.items() if k.startswith("eval/")}}
+            if "episodes" in e:  # the logger writes every value as a float
+                e["episodes"] = int(e["episodes"])
+            evals.append(e)
     return evals
 
 
@@ -116,9 +114,8 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
     from flowmanip.train.evaluate import check_env_matches_spec, evaluate_policy
     from flowmanip.train.logger import MetricsLogger, plot_curves
     from flowmanip.train.pretrain import load_demos, prepare_stage_dir
-    from flowmanip.utils import check_output_dir
     from flowmanip.train.replay import ReplayBuffer, concat_batches
-    from flowmanip.utils import atomic_output, device_for, set_seed
+    from flowmanip.utils import atomic_output, check_output_dir, device_for, set_seed
 
     recipe = load_recipe(recipe_path, overrides)
     cfg = recipe.finetune
@@ -284,9 +281,8 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
 
         # --- the loop -----------------------------------------------------------------
         t0 = time.time()
-        # the main rank truncated metrics.jsonl to the checkpoint when it made its logger; only it reads it back
-        history = earlier_evals(os.path.join(stage_dir, "metrics.jsonl"), counters["env_steps"]) \
-            if resume and is_main else []
+        # only the main rank has a logger, which cut metrics.jsonl back to the checkpoint when it was made
+        history = earlier_evals(logger.path) if resume and is_main else []
         recent, info = [], {}
         next_log = next_multiple(counters["env_steps"], cfg.log_every)
         if cfg.eval_every <= 0 or cfg.eval_episodes <= 0:
