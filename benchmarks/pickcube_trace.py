@@ -62,7 +62,7 @@ def main():
     from flowmanip.envs.vector import env_kwargs
     from flowmanip.errors import FlowmanipError
     from flowmanip.train.checkpoint import load_checkpoint
-    from flowmanip.train.pretrain import policy_from_checkpoint
+    from flowmanip.train.stages import policy_from_checkpoint
 
     try:
         ckpt = load_checkpoint(args.checkpoint)

@@ -3,11 +3,11 @@
     python benchmarks/update_ops.py [--recipes recipes/pickcube.yaml recipes/pickcube_flowt.yaml]
         [--obs-dim 42 --action-dim 4] [--repeats 20] [--name update_ops]
 
-One update is what the fine-tune loop does per critic update with the actor following:
+One update is ``SACFlow.update`` with the actor following, as the fine-tune loop calls it:
 critic loss (the next action sampled through K flow steps, target critic), backward, clip,
 Adam, Polyak targets; then the actor loss (K-step rollout, BC and anchor terms), backward,
-clip, Adam; both optimiser steps through the loop's own ``optimizer_step`` (which also reads
-the gradient norm back for the log). Drawing the batch is not counted. The batch is random (the op count does not depend on the values). Counted with
+clip, Adam (and the temperature step when the recipe learns alpha). Drawing the batch is
+not counted. The batch is random (the op count does not depend on the values). Counted with
 torch.profiler on the CPU:
 
 - ``aten_calls``: every aten op dispatched, nested ones included (the Python and C++
@@ -41,12 +41,9 @@ NOT_COMPUTE = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::
 
 
 def build(recipe_path: str, obs_dim: int, action_dim: int):
-    from accelerate import Accelerator
-
     from flowmanip.algos.sac_flow import SACFlow
     from flowmanip.config import load_recipe
     from flowmanip.models.policy import Policy, build_critic
-    from flowmanip.train.finetune import optimizer_step
 
     r = load_recipe(recipe_path, [])
     spec = {"obs_dim": obs_dim, "obs_mean": [0.0] * obs_dim, "obs_std": [1.0] * obs_dim, "action_dim": action_dim,
@@ -59,17 +56,10 @@ def build(recipe_path: str, obs_dim: int, action_dim: int):
              "action": torch.rand(B, d) * 2 - 1, "reward": torch.rand(B),
              "discount": torch.full((B,), r.finetune.gamma ** r.policy.chunk), "terminated": torch.zeros(B, dtype=torch.bool)}
     demos = {"obs": {"state": torch.randn(B, obs_dim)}, "action": torch.rand(B, d) * 2 - 1}
-    critic_opt = torch.optim.Adam(agent.critic_parameters(), lr=r.finetune.lr_critic)
-    actor_opt = torch.optim.Adam(agent.actor_parameters(), lr=r.finetune.lr_actor)
-    accelerator = Accelerator(cpu=True)
-    clip = r.finetune.grad_clip
+    agent.cfg.actor_delay = 1  # every update counted here includes the actor step
 
-    def update():  # the fine-tune loop's steps, through its own optimizer_step
-        loss, _ = agent.critic_loss(batch)
-        optimizer_step(accelerator, critic_opt, loss, agent.critic_parameters(), clip)
-        agent.update_targets()
-        loss, _, _ = agent.actor_loss(batch, demos, r.finetune.bc_weight)
-        optimizer_step(accelerator, actor_opt, loss, agent.actor_parameters(), clip)
+    def update():
+        agent.update(batch, demos)
 
     return r, update
 

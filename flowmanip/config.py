@@ -57,6 +57,8 @@ class PolicyConfig:
     execute: int = 0  # actions executed per decision before replanning (0 = all H)
     hidden_dim: int = 512  # velocity MLPs (mlp, gated); 512 fits PickCube far better than 256 (docs/benchmarks.md)
     num_layers: int = 3  # hidden layers of the velocity MLPs
+    gate_hidden_dim: int = 256  # Flow-G's gate head: width ...
+    gate_layers: int = 1  # ... and hidden layers (a small head, as in the paper's offline-to-online code)
     decoder_layers: int = 2  # Flow-T
     decoder_heads: int = 4  # Flow-T attention heads (must divide decoder_dim)
     decoder_dim: int = 128  # Flow-T token width
@@ -127,6 +129,7 @@ class FinetuneConfig:
     # weight of ||mu(s) - mu_0(s)||^2 on the batch's states: keeps the deterministic policy near the
     # initial (pretrained) one where demos do not constrain it (0 = off)
     anchor_weight: float = 0.0
+    anchor_batch_size: int = 64  # states of the batch the anchor is computed on (its two extra rollouts dominate an update)
     bc_decay_steps: int = 0  # BC weight decays linearly to 0 over this many updates after critic_warmup (0: off)
     log_every: int = 1000  # env steps
     eval_every: int = 10000  # env steps
@@ -281,15 +284,32 @@ def check_reachable_entropy(r: Recipe, d: int | None, source: str) -> None:
             "finetune.learn_alpha=false, or a lower finetune.target_entropy")
 
 
+def check_finetune_settings(r: Recipe, source: str = "<recipe>") -> None:
+    """Settings ``flowmanip finetune`` cannot run with (``validate`` does not know the stage).
+
+    ``policy.execute < policy.chunk``: the fine-tune steps whole H-step chunks (its transitions, chunk
+    rewards and ``gamma^n`` are those of H steps) while evaluation replans after ``execute`` actions, so the
+    policy it scores is not the one it trains.
+    """
+    p = r.policy
+    if 0 < p.execute < p.chunk:
+        raise FlowmanipError(
+            f"{source}: policy.execute={p.execute} with policy.chunk={p.chunk}: flowmanip finetune trains on whole "
+            f"{p.chunk}-step chunks but evaluation would execute {p.execute} actions per decision; set "
+            f"policy.execute=0 (all H) or policy.execute={p.chunk} to fine-tune (execute < chunk works for "
+            "pretrain and eval)")
+
+
 # keys validate checks, in this order: POSITIVE >= 1, NON_NEGATIVE >= 0 (0 turns it off), RATES > 0
 POSITIVE = (
     "env.num_envs", "env.num_eval_envs", "env.max_episode_steps", "policy.flow_steps", "policy.chunk",
     "pretrain.batch_size", "finetune.batch_size", "finetune.num_q", "finetune.actor_delay", "finetune.buffer_size",
-    "policy.decoder_memory_tokens", "env.camera_size", "eval.episodes", "policy.hidden_dim", "policy.num_layers",
+    "policy.decoder_memory_tokens", "policy.gate_hidden_dim", "policy.gate_layers", "env.camera_size",
+    "eval.episodes", "policy.hidden_dim", "policy.num_layers",
     "policy.decoder_layers", "policy.decoder_heads", "policy.decoder_dim", "policy.encoder_dim",
     "policy.cnn_channels", "pretrain.steps", "pretrain.log_every", "pretrain.save_every",
     "finetune.total_env_steps", "finetune.log_every", "finetune.save_every", "finetune.q_hidden_dim",
-    "finetune.q_layers",
+    "finetune.q_layers", "finetune.anchor_batch_size",
 )
 NON_NEGATIVE = (
     "finetune.critic_warmup", "finetune.learning_starts", "finetune.random_warmup", "finetune.eval_every",
@@ -344,6 +364,17 @@ def to_yaml(r: Recipe) -> str:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_yaml(OmegaConf.structured(r))
+
+
+def upgrade_checkpoint_config(d: dict) -> dict:
+    """A checkpoint's stored recipe, with settings added after it was written set to the values that
+    reproduce its weights (their new defaults would build other shapes)."""
+    policy = d.setdefault("policy", {})
+    policy.setdefault("decoder_tokens", "chunk")  # before 2026-11-26 Flow-T had per-step tokens ...
+    policy.setdefault("decoder_memory_tokens", 1)  # ... and one memory token
+    policy.setdefault("gate_hidden_dim", policy.get("hidden_dim", 512))  # before 2026-12-01 the Flow-G gate
+    policy.setdefault("gate_layers", policy.get("num_layers", 3))  # was a second full MLP
+    return d
 
 
 def from_dict(d: dict) -> Recipe:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -32,38 +33,57 @@ def batch(B=6):
             "terminated": torch.tensor([False, True, False, False, True, False])}
 
 
-def set_constant(critic, values):
-    """Make head j output values[j] for every input."""
-    with torch.no_grad():
-        for head, v in zip(critic.heads, values):
-            nn.init.zeros_(head[-1].weight)
-            head[-1].bias.fill_(v)
-
-
 def test_aggregate():
     q = torch.tensor([[1.0, 5.0], [3.0, 2.0]])
     assert aggregate(q, "min").tolist() == [1.0, 2.0]
     assert aggregate(q, "mean").tolist() == [2.0, 3.5]
 
 
+def perturb(module, scale=0.3, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def q_by_hand(critic, z, a):
+    """The batched QEnsemble written out head by head, layer by layer (Linear, LayerNorm, exact GELU)."""
+    x0 = torch.cat([z, a], -1)
+    heads = []
+    for j in range(critic.num_q):
+        x = x0
+        for i in range(critic.num_layers):
+            x = x @ critic.weights[i][j] + critic.biases[i][j]
+            mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+            x = (x - mean) / torch.sqrt(var + 1e-5) * critic.ln_weights[i][j] + critic.ln_biases[i][j]
+            x = 0.5 * x * (1 + torch.erf(x / 2 ** 0.5))
+        heads.append((x @ critic.weights[-1][j] + critic.biases[-1][j]).squeeze(-1))
+    return torch.stack(heads)
+
+
 @pytest.mark.parametrize("how,ignore_terminations", [("min", False), ("mean", False), ("min", True)])
 def test_critic_target_matches_hand_computation(how, ignore_terminations):
+    """Real, input-dependent critics; target encoder and target critic differ from the online ones, so using
+    obs for next_obs, the stored action for a', or an online network for the target all change the loss."""
+    torch.manual_seed(0)
     agent = make_agent(q_aggregation=how, ignore_terminations=ignore_terminations)
-    set_constant(agent.critic, [1.0, 3.0])
-    set_constant(agent.target_critic, [2.0, 4.0])
+    perturb(agent.target_critic, seed=1)
+    perturb(agent.target_encoder, seed=2)
     b = batch()
     torch.manual_seed(7)
     loss, info = agent.critic_loss(b)
-    torch.manual_seed(7)  # replay the next-action sample
-    _, next_log_prob, _ = agent.actor.sample(agent.encoder(b["next_obs"]))
-    q_next = 2.0 if how == "min" else 3.0
-    alpha = 0.2
-    # terminal transitions bootstrap only when terminations are ignored (success is not absorbing)
-    not_done = torch.ones(6) if ignore_terminations else (~b["terminated"]).float()
-    y = b["reward"] + 0.9 * not_done * (q_next - alpha * next_log_prob)
-    expected = 0.5 * ((1.0 - y) ** 2 + (3.0 - y) ** 2).mean()
+    torch.manual_seed(7)  # replay the next-action sample (the actor reads the online encoder's features)
+    with torch.no_grad():
+        next_action, next_log_prob, _ = agent.actor.sample(agent.encoder(b["next_obs"]))
+        q_next = q_by_hand(agent.target_critic, agent.target_encoder(b["next_obs"]), next_action)
+        q_next = q_next.min(0).values if how == "min" else q_next.mean(0)
+        # terminal transitions bootstrap only when terminations are ignored (success is not absorbing)
+        not_done = torch.ones(6) if ignore_terminations else (~b["terminated"]).float()
+        y = b["reward"] + b["discount"] * not_done * (q_next - 0.2 * next_log_prob)
+        q = q_by_hand(agent.critic, agent.encoder(b["obs"]), b["action"])
+    expected = ((q - y) ** 2).mean()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    torch.testing.assert_close(info["target_mean"], y.mean().detach())
+    torch.testing.assert_close(info["target_mean"], y.mean())
 
 
 class QuadraticCritic(nn.Module):
@@ -117,13 +137,26 @@ def test_normalized_actor_loss_is_scale_free():
 
 
 def test_bc_term_is_added_with_its_weight():
+    """The BC term, recomputed by hand (flow matching in pre-tanh space on the demo batch), times its weight."""
+    from flowmanip.models.flow_policy import ATANH_EPS
+
     agent = make_agent(bc_type="flow_matching")
     b = batch()
+    demo = {"obs": {"state": torch.randn(6, 5)}, "action": torch.rand(6, 4) * 1.8 - 0.9}
     torch.manual_seed(0)
     no_bc, _, _ = agent.actor_loss(b)
     torch.manual_seed(0)
-    with_bc, info, _ = agent.actor_loss(b, demo_batch=b, bc_weight=2.0)
-    assert with_bc.item() == pytest.approx(no_bc.item() + 2.0 * info["bc_loss"].item(), rel=1e-5)
+    with_bc, _, _ = agent.actor_loss(b, demo_batch=demo, bc_weight=2.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        agent.actor.sample(agent.encoder(b["obs"]))  # the SAC term's rollout draws its noise first
+        x1 = torch.atanh(demo["action"].clamp(-1 + ATANH_EPS, 1 - ATANH_EPS))
+        x0 = torch.randn(6, 4)
+        t = torch.rand(6)
+        xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+        bc = ((agent.actor.velocity(xt, t, agent.encoder(demo["obs"])) - (x1 - x0)) ** 2).mean()
+    assert bc.item() > 0.01
+    assert with_bc.item() == pytest.approx(no_bc.item() + 2.0 * bc.item(), rel=1e-5)
 
 
 def test_anchor_keeps_the_deterministic_policy_near_its_start():
@@ -182,11 +215,49 @@ def test_polyak_update_and_detached_actor_features():
     assert all(p.grad is None for p in agent.encoder.parameters())
 
 
-def test_gradient_diagnostics_cover_every_flow_state():
-    agent = make_agent()
-    loss, _, states = agent.actor_loss(batch(), keep_states=True)
+def test_gradient_diagnostics_match_a_hand_rollout():
+    """||dL/dA_k|| for every flow state, against the rollout written out by hand with the same noise:
+    L = mean(alpha log pi - min_j Q_j) as a function of the tensor A_k, which enters the density of its own
+    step (given the previous mean, or the start density for A_0) and every step after it."""
+    torch.manual_seed(0)
+    agent = make_agent(normalize_q=False)
+    b = batch()
+    torch.manual_seed(5)
+    loss, _, states = agent.actor_loss(b, keep_states=True)
     norms = flow_state_grad_norms(loss, states)
-    assert len(norms) == 3 and all(n > 0 for n in norms)
+    actor, K, B, d = agent.actor, 3, 6, 4
+    z = agent.encoder(b["obs"]).detach()
+    torch.manual_seed(5)
+    a0 = torch.randn(B, d) * actor.init_std
+    noise = [torch.randn(B, d) for _ in range(K)]
+    log_sigma = actor.log_sigma(z).detach()
+    sigma = log_sigma.exp()
+
+    def log_normal(x, mean, log_std):
+        return (-0.5 * ((x - mean) / log_std.exp()) ** 2 - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+    def loss_from(k, a_k, prev_mean):
+        if k == 0:
+            logp = log_normal(a_k, torch.zeros(B, d), torch.full((B, d), math.log(actor.init_std)))
+        else:
+            logp = log_normal(a_k, prev_mean, log_sigma)
+        a = a_k
+        for j in range(k, K):
+            mean = a + actor.velocity(a, torch.full((B,), j / K), z) / K
+            a = mean + sigma * noise[j]
+            logp = logp + log_normal(a, mean, log_sigma)
+        logp = logp - torch.log(1 - torch.tanh(a) ** 2 + 1e-6).sum(-1)
+        return (0.2 * logp - q_by_hand(agent.critic, z, torch.tanh(a)).min(0).values).mean()
+
+    a, prev_mean = a0, None
+    for k in range(K):
+        leaf = a.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_from(k, leaf, prev_mean), leaf)
+        assert norms[k] == pytest.approx(grad.norm().item(), rel=1e-4), k
+        with torch.no_grad():  # advance the hand rollout one step
+            prev_mean = a + actor.velocity(a, torch.full((B,), k / K), z) / K
+            a = prev_mean + sigma * noise[k]
+    assert len(norms) == K
 
 
 def test_both_bc_kinds_average_over_batch_and_dimensions():
@@ -216,7 +287,7 @@ def test_both_bc_kinds_average_over_batch_and_dimensions():
 
 def test_bc_weight_decays_from_the_end_of_the_critic_warmup():
     """The actor first updates after the critic warm-up, so the decay starts there, not at update 0."""
-    from flowmanip.train.finetune import bc_weight_at
+    from flowmanip.algos.sac_flow import bc_weight_at
 
     cfg = FinetuneConfig(bc_weight=2.0, bc_decay_steps=100, critic_warmup=500)
     assert bc_weight_at(cfg, 0) == 2.0
@@ -224,3 +295,116 @@ def test_bc_weight_decays_from_the_end_of_the_critic_warmup():
     assert bc_weight_at(cfg, 550) == pytest.approx(1.0)
     assert bc_weight_at(cfg, 600) == 0.0 and bc_weight_at(cfg, 10_000) == 0.0
     assert bc_weight_at(FinetuneConfig(bc_weight=2.0, bc_decay_steps=0, critic_warmup=500), 10_000) == 2.0
+
+
+def test_update_matches_a_hand_written_update():
+    """Regression test of ``SACFlow.update``'s maths and order: one critic step (clipped Adam), Polyak targets,
+    one actor step (SAC term / mean|Q| + beta * flow-matching BC + lambda * anchor on the first states), one
+    temperature step; written out here with plain Adam from the same weights, RNG and batch."""
+    from flowmanip.models.flow_policy import ATANH_EPS
+
+    torch.manual_seed(0)
+    agent = make_agent(anchor_weight=3.0, anchor_batch_size=4, bc_weight=0.5, learn_alpha=True, grad_clip=0.05,
+                       tau=0.1, lr_actor=1e-2, lr_critic=1e-2, lr_alpha=1e-2, target_entropy=-3.0)
+    with torch.no_grad():  # the anchor starts away from the actor, so its gradient is not zero
+        for p in agent.anchor_actor.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ref = copy.deepcopy(agent)
+    b, demo = batch(), {"obs": {"state": torch.randn(6, 5)}, "action": torch.rand(6, 4) * 1.8 - 0.9}
+
+    torch.manual_seed(3)
+    info = agent.update(b, demo)
+
+    cfg = ref.cfg
+    critic_opt = torch.optim.Adam(ref.critic_parameters(), lr=cfg.lr_critic)
+    actor_opt = torch.optim.Adam(ref.actor_parameters(), lr=cfg.lr_actor)
+    alpha_opt = torch.optim.Adam([ref.log_alpha], lr=cfg.lr_alpha)
+
+    def step(opt, loss, params, clip):
+        opt.zero_grad()
+        loss.backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+
+    torch.manual_seed(3)
+    alpha = ref.log_alpha.exp().item()
+    with torch.no_grad():
+        a_next, logp_next, _ = ref.actor.sample(ref.encoder(b["next_obs"]))
+        q_next = q_by_hand(ref.target_critic, ref.target_encoder(b["next_obs"]), a_next).min(0).values
+        y = b["reward"] + b["discount"] * (q_next - alpha * logp_next)  # terminations ignored (the default)
+    q = q_by_hand(ref.critic, ref.encoder(b["obs"]), b["action"])
+    step(critic_opt, ((q - y) ** 2).mean(), ref.critic_parameters(), cfg.grad_clip)
+    with torch.no_grad():
+        for t, p in zip(list(ref.target_encoder.parameters()) + list(ref.target_critic.parameters()),
+                        list(ref.encoder.parameters()) + list(ref.critic.parameters())):
+            t.copy_((1 - cfg.tau) * t + cfg.tau * p)
+
+    z = ref.encoder(b["obs"]).detach()
+    a, logp, _ = ref.actor.sample(z)
+    q = q_by_hand(ref.critic, z, a).min(0).values
+    loss = (alpha * logp - q).mean() / q.abs().mean().detach()
+    x1 = torch.atanh(demo["action"].clamp(-1 + ATANH_EPS, 1 - ATANH_EPS))
+    x0, t = torch.randn(6, 4), torch.rand(6)
+    v = ref.actor.velocity((1 - t[:, None]) * x0 + t[:, None] * x1, t, ref.encoder(demo["obs"]).detach())
+    loss = loss + 0.5 * ((v - (x1 - x0)) ** 2).mean()
+    with torch.no_grad():
+        anchor_ref = torch.tanh(ref.anchor_actor.deterministic(z[:4]))
+    loss = loss + 3.0 * ((torch.tanh(ref.actor.deterministic(z[:4])) - anchor_ref) ** 2).sum(-1).mean()
+    step(actor_opt, loss, ref.actor_parameters(), cfg.grad_clip)
+    step(alpha_opt, -ref.log_alpha * (logp.mean().detach() - 3.0), [ref.log_alpha], 0)
+
+    assert info["actor_loss"].item() == pytest.approx(loss.item(), rel=1e-5)
+    ours, theirs = agent.state_dict(), ref.state_dict()
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], atol=1e-6, rtol=0, msg=name)
+    assert agent.updates == 1 and abs(agent.log_alpha.item() - math.log(0.2)) > 1e-3  # every part moved
+
+
+def test_an_actor_step_changes_neither_critic_nor_encoder():
+    """With the identity encoder the recipes use: the critic and encoder after a full update equal those after a
+    critic-only update from the same state and RNG; the actor's parameters do move."""
+    pcfg = PolicyConfig(velocity="gated", flow_steps=3, chunk=2, hidden_dim=32, num_layers=2, encoder="identity")
+    fcfg = FinetuneConfig(init_alpha=0.2, num_q=2, q_hidden_dim=16, q_layers=1, lr_actor=1e-2)
+    policy = Policy(SPEC, pcfg)
+    full = SACFlow(policy, build_critic(policy.encoder.out_dim, SPEC, pcfg, fcfg), fcfg)
+    critic_only = copy.deepcopy(full)
+    b = batch()
+    torch.manual_seed(1)
+    full.update(b)
+    torch.manual_seed(1)
+    critic_only.update(b, critic_only=True)
+    for name, p in critic_only.critic.state_dict().items():
+        torch.testing.assert_close(full.critic.state_dict()[name], p, rtol=0, atol=0)
+    for name, p in critic_only.encoder.state_dict().items():
+        torch.testing.assert_close(full.encoder.state_dict()[name], p, rtol=0, atol=0)
+    moved = [(p - q).abs().max().item() for p, q in zip(full.actor.parameters(), critic_only.actor.parameters())]
+    assert max(moved) > 1e-4
+
+
+def test_actor_delay_and_warmup_counts():
+    """actor_delay=3 over 9 updates, the first 3 a critic warm-up: 9 critic steps, actor and alpha steps at
+    updates 6 and 9 only."""
+    agent = make_agent(actor_delay=3, learn_alpha=True)
+    b = batch()
+    for i in range(9):
+        info = agent.update(b, critic_only=i < 3)
+        assert ("actor_loss" in info) == (i + 1 in (6, 9)), i
+    steps = lambda opt: int(next(iter(opt.state.values()))["step"])  # noqa: E731
+    assert agent.updates == 9 and steps(agent.critic_opt) == 9
+    assert steps(agent.actor_opt) == 2 and steps(agent.alpha_opt) == 2
+
+
+def test_critic_loads_the_per_head_layout_of_older_checkpoints():
+    """Checkpoints before the batched ensemble stored one nn.Sequential per head: they load into the same function."""
+    from flowmanip.models.critic import QEnsemble
+    from flowmanip.models.layers import mlp
+
+    torch.manual_seed(0)
+    heads = nn.ModuleList([mlp(9, 16, 1, 2, layer_norm=True) for _ in range(3)])
+    old_state = {f"heads.{k}": v for k, v in heads.state_dict().items()}
+    critic = QEnsemble(5, 4, num_q=3, hidden_dim=16, num_layers=2)
+    critic.load_state_dict(old_state)
+    z, a = torch.randn(7, 5), torch.randn(7, 4)
+    expected = torch.stack([h(torch.cat([z, a], -1)).squeeze(-1) for h in heads])
+    torch.testing.assert_close(critic(z, a), expected)

@@ -1,7 +1,8 @@
 """SAC Flow (arXiv 2509.25756): SAC whose actor is a K-step noise-augmented flow rollout.
 
-Read this next to DESIGN.md ("SAC Flow"). Notation: z = encoder(s); a is an action chunk
-of H steps in normalised units, flattened to d = H * action_dim; Q_j are the critic heads,
+``SACFlow.update`` is one learner step; read it next to docs/design.md ("The SAC Flow
+update"), which has the equations. Notation: z = encoder(s); a is an action chunk of H
+steps in normalised units, flattened to d = H * action_dim; Q_j are the critic heads,
 Qbar_j their Polyak-averaged targets; alpha = exp(log_alpha).
 
     critic:  y = R + gamma^n (1 - done) (agg_j Qbar_j(s', a') - alpha log pi(a'|s')),  a' ~ pi(.|s')
@@ -10,24 +11,29 @@ Qbar_j their Polyak-averaged targets; alpha = exp(log_alpha).
              a reparameterised through all K steps
              c = mean |Q| (detached) when normalize_q, else 1: keeps beta meaningful whatever the reward scale
              anchor = E_s ||mu(s) - mu_0(s)||^2, mu the deterministic rollout (the policy eval scores),
-             mu_0 a frozen copy of the initial actor, s from the same batch as the Q term
+             mu_0 a frozen copy of the initial actor, s the first anchor_batch_size states of the batch
     alpha:   L_alpha = -log_alpha * (log pi(a|s) + target_entropy)
 
 R is the discounted reward over the n <= H steps the chunk ran and gamma^n the matching
 discount (``batch["discount"]``). done is the task's termination (success), or always 0
-with ``ignore_terminations`` (the default: success is not absorbing, see config.py). The encoder is shared: the critic loss trains it, the
-actor sees detached features, and the target critic has its own EMA copy of it.
+with ``ignore_terminations`` (the default: success is not absorbing, see config.py). The
+encoder is shared: the critic loss trains it, the actor sees detached features, and the
+target critic has its own EMA copy of it. The tanh-Gaussian baseline uses the same update
+with a Gaussian actor.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from flowmanip.algos.flow_matching import bc_loss
+
+GradSync = Callable[[list], None]  # averages the given parameters' gradients across processes, in place
 
 
 def aggregate(q: torch.Tensor, how: str) -> torch.Tensor:
@@ -35,8 +41,28 @@ def aggregate(q: torch.Tensor, how: str) -> torch.Tensor:
     return q.min(0).values if how == "min" else q.mean(0)
 
 
+def bc_weight_at(cfg, updates: int) -> float:
+    """The BC weight after `updates` critic updates: full until the actor starts (after the critic warm-up),
+    then a linear decay to 0 over `bc_decay_steps` updates when that is > 0."""
+    if cfg.bc_decay_steps <= 0:
+        return cfg.bc_weight
+    since_warmup = max(0, updates - cfg.critic_warmup)
+    return cfg.bc_weight * max(0.0, 1.0 - since_warmup / cfg.bc_decay_steps)
+
+
+def _adam(params, lr: float) -> torch.optim.Adam:
+    # fused: one kernel for all parameters (CPU and CUDA), instead of ~10 dispatched ops per tensor
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
 class SACFlow(nn.Module):
-    def __init__(self, policy, critic, cfg):
+    """The learner: networks, target networks, optimisers and the update counter.
+
+    ``grad_sync`` (multi-process runs) averages gradients before every optimiser step, so the
+    parameters stay identical on every process.
+    """
+
+    def __init__(self, policy, critic, cfg, grad_sync: Optional[GradSync] = None):
         super().__init__()
         self.policy, self.critic, self.cfg = policy, critic, cfg
         self.encoder, self.actor = policy.encoder, policy.actor
@@ -45,12 +71,24 @@ class SACFlow(nn.Module):
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.init_alpha)))
         # frozen copy of the initial actor: the anchor term keeps the executed (deterministic) policy near it
         self.anchor_actor = copy.deepcopy(self.actor).requires_grad_(False) if cfg.anchor_weight > 0 else None
-        d = self.actor.dim
-        self.target_entropy = float(cfg.target_entropy) if cfg.target_entropy is not None else -float(d)
+        self.target_entropy = float(cfg.target_entropy) if cfg.target_entropy is not None else -float(self.actor.dim)
+        self.grad_sync = grad_sync
+        self.updates = 0  # critic updates so far (the actor-delay and BC schedules count these)
+        self._make_optimizers()
+
+    def _make_optimizers(self) -> None:
+        self.critic_opt = _adam(self.critic_parameters(), self.cfg.lr_critic)
+        self.actor_opt = _adam(self.actor_parameters(), self.cfg.lr_actor)
+        self.alpha_opt = _adam([self.log_alpha], self.cfg.lr_alpha)
 
     @property
     def alpha(self) -> torch.Tensor:
         return self.log_alpha.exp().detach()
+
+    @property
+    def bc_weight(self) -> float:
+        """The BC weight the next actor step uses."""
+        return bc_weight_at(self.cfg, self.updates + 1)
 
     def critic_parameters(self):
         return list(self.encoder.parameters()) + list(self.critic.parameters())
@@ -58,6 +96,44 @@ class SACFlow(nn.Module):
     def actor_parameters(self):
         return list(self.actor.parameters())
 
+    # --- one update ------------------------------------------------------------------------
+    def update(self, batch: dict, demo_batch: Optional[dict] = None, critic_only: bool = False,
+               diagnose: bool = False) -> dict:
+        """One critic step and Polyak update; then, every ``actor_delay`` critic steps and unless
+        ``critic_only`` (the critic warm-up), one actor step and one temperature step.
+
+        ``demo_batch`` (obs, normalised action) feeds the BC term. ``diagnose`` adds
+        ``grad_A<k>`` = ||dL_pi / dA_k|| per flow step (the paper's gradient pathology).
+        Returns detached scalars for the log.
+        """
+        loss, info = self.critic_loss(batch)
+        info["critic_grad_norm"] = self._step(self.critic_opt, loss, self.critic_parameters(), self.cfg.grad_clip)
+        self.update_targets()
+        self.updates += 1
+        if critic_only or self.updates % self.cfg.actor_delay:
+            return info
+
+        loss, actor_info, states = self.actor_loss(batch, demo_batch, bc_weight_at(self.cfg, self.updates),
+                                                   keep_states=diagnose)
+        if diagnose:
+            for k, g in enumerate(flow_state_grad_norms(loss, states)):
+                actor_info[f"grad_A{k}"] = g
+        actor_info["actor_grad_norm"] = self._step(self.actor_opt, loss, self.actor_parameters(), self.cfg.grad_clip)
+        if self.cfg.learn_alpha:
+            self._step(self.alpha_opt, self.alpha_loss(actor_info["log_prob"]), [self.log_alpha], 0.0)
+        info.update(actor_info)
+        return info
+
+    def _step(self, optimizer, loss: torch.Tensor, params: list, clip: float) -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_sync is not None:
+            self.grad_sync(params)
+        norm = torch.nn.utils.clip_grad_norm_(params, clip, foreach=True) if clip > 0 else torch.zeros(())
+        optimizer.step()
+        return norm.detach()
+
+    # --- the losses ------------------------------------------------------------------------
     def critic_loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
         with torch.no_grad():
             next_action, next_log_prob, _ = self.actor.sample(self.encoder(batch["next_obs"]))
@@ -85,9 +161,10 @@ class SACFlow(nn.Module):
             loss = loss + bc_weight * bc
             info["bc_loss"] = bc.detach()
         if self.anchor_actor is not None:
+            z_anchor = z[:self.cfg.anchor_batch_size]
             with torch.no_grad():
-                reference = torch.tanh(self.anchor_actor.deterministic(z))
-            anchor = (torch.tanh(self.actor.deterministic(z)) - reference).pow(2).sum(-1).mean()
+                reference = torch.tanh(self.anchor_actor.deterministic(z_anchor))
+            anchor = (torch.tanh(self.actor.deterministic(z_anchor)) - reference).pow(2).sum(-1).mean()
             loss = loss + self.cfg.anchor_weight * anchor
             info["anchor_loss"] = anchor.detach()
         info["actor_loss"] = loss.detach()
@@ -100,11 +177,24 @@ class SACFlow(nn.Module):
     @torch.no_grad()
     def update_targets(self) -> None:
         tau = self.cfg.tau
-        for target, online in ((self.target_encoder, self.encoder), (self.target_critic, self.critic)):
-            for p_t, p in zip(target.parameters(), online.parameters()):
-                p_t.lerp_(p, tau)
-            for b_t, b in zip(target.buffers(), online.buffers()):
+        targets = list(self.target_encoder.parameters()) + list(self.target_critic.parameters())
+        online = list(self.encoder.parameters()) + list(self.critic.parameters())
+        if targets:
+            torch._foreach_lerp_(targets, online, tau)
+        for target, source in ((self.target_encoder, self.encoder), (self.target_critic, self.critic)):
+            for b_t, b in zip(target.buffers(), source.buffers()):
                 b_t.copy_(b)
+
+    # --- resume ----------------------------------------------------------------------------
+    def training_state(self) -> dict:
+        """Optimiser states and the update counter (the weights are in ``state_dict``)."""
+        return {"actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+                "alpha_opt": self.alpha_opt.state_dict(), "updates": self.updates}
+
+    def load_training_state(self, state: dict) -> None:
+        for name in ("actor_opt", "critic_opt", "alpha_opt"):
+            getattr(self, name).load_state_dict(state[name])
+        self.updates = int(state["updates"])
 
 
 def flow_state_grad_norms(loss: torch.Tensor, states: list) -> list[float]:

@@ -29,14 +29,17 @@ class GatedVelocity(nn.Module):
 
     A step is then ``A_{k+1} = (1 - dt*g) A_k + dt*g*h``: a GRU-like leaky update whose
     gate bounds how much each step can amplify gradients. The gate's last layer starts
-    at weight 0 and bias 5 (g ~ 0.993).
+    at weight 0 and bias 5 (g ~ 0.993). The gate is a small head (``gate_layers`` hidden
+    layers of ``gate_hidden_dim``; one 256-wide layer by default, as in the paper's
+    offline-to-online code), the candidate ``h`` the full MLP.
     """
 
-    def __init__(self, z_dim: int, action_dim: int, chunk: int, hidden_dim: int = 256, num_layers: int = 3):
+    def __init__(self, z_dim: int, action_dim: int, chunk: int, hidden_dim: int = 256, num_layers: int = 3,
+                 gate_hidden_dim: int = 256, gate_layers: int = 1):
         super().__init__()
         d = action_dim * chunk
         self.time = TimeEmbedding(32)
-        self.gate = mlp(z_dim + d + 32, hidden_dim, d, num_layers)
+        self.gate = mlp(z_dim + d + 32, gate_hidden_dim, d, gate_layers)
         self.candidate = mlp(z_dim + d + 32, hidden_dim, d, num_layers)
         nn.init.zeros_(self.gate[-1].weight)
         nn.init.constant_(self.gate[-1].bias, 5.0)
@@ -94,7 +97,8 @@ def make_velocity(kind: str, z_dim: int, action_dim: int, cfg) -> nn.Module:
     if kind == "mlp":
         return MLPVelocity(z_dim, action_dim, cfg.chunk, cfg.hidden_dim, cfg.num_layers)
     if kind == "gated":
-        return GatedVelocity(z_dim, action_dim, cfg.chunk, cfg.hidden_dim, cfg.num_layers)
+        return GatedVelocity(z_dim, action_dim, cfg.chunk, cfg.hidden_dim, cfg.num_layers, cfg.gate_hidden_dim,
+                             cfg.gate_layers)
     if kind == "decoded":
         return DecodedVelocity(z_dim, action_dim, cfg.chunk, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_heads,
                                cfg.decoder_tokens, cfg.decoder_memory_tokens)

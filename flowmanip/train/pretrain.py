@@ -9,51 +9,16 @@ from __future__ import annotations
 import copy
 import math
 import os
-import shutil
 import time
 
 import torch
 from tqdm import tqdm
 
 from flowmanip.config import load_recipe, to_yaml
-from flowmanip.errors import FlowmanipError
+from flowmanip.data import load_demos
 from flowmanip.models.policy import Policy
+from flowmanip.train.stages import prepare_stage_dir
 from flowmanip.utils import atomic_output, check_output_dir, device_for
-
-
-def load_demos(recipe):
-    """Read the recipe's dataset and check it was recorded for the recipe's env/control/obs mode."""
-    from flowmanip.data import read_dataset
-    from flowmanip.data.validate import check_matches
-
-    if recipe.data is None or not recipe.data.path:
-        raise FlowmanipError("data.path: this stage needs a demonstration dataset")
-    meta, episodes = read_dataset(recipe.data.path, recipe.data.max_episodes)
-    check_matches(meta, episodes, env_id=recipe.env.id, control_mode=recipe.env.control_mode,
-                  obs_mode=recipe.env.obs_mode, source=recipe.data.path)
-    return meta, episodes
-
-
-def policy_from_checkpoint(ckpt: dict, ema: bool = True) -> Policy:
-    recipe = ckpt["recipe"]
-    policy = Policy(ckpt["spec"], recipe.policy, ckpt["meta"].get("actor", "flow"))
-    weights = ckpt["weights"]
-    policy.load_state_dict(weights["policy_ema"] if ema and "policy_ema" in weights else weights["policy"])
-    return policy.eval()
-
-
-def prepare_stage_dir(stage_dir: str, resume: bool, overwrite: bool = False) -> None:
-    has_ckpt = os.path.isdir(os.path.join(stage_dir, "checkpoints"))
-    if resume:
-        if not has_ckpt:
-            raise FlowmanipError(f"{stage_dir}: nothing to resume (no checkpoints/ there)")
-        return
-    if has_ckpt and not overwrite:
-        raise FlowmanipError(f"{stage_dir}: already holds a run; pass --resume to continue it, --overwrite to "
-                             "start again, or out_dir=... for a new run")
-    if has_ckpt:
-        shutil.rmtree(stage_dir)
-    os.makedirs(stage_dir, exist_ok=True)
 
 
 def cosine_lr(step: int, total: int, warmup: int = 500, floor: float = 0.1) -> float:
@@ -64,6 +29,7 @@ def cosine_lr(step: int, total: int, warmup: int = 500, floor: float = 0.1) -> f
 
 
 def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overwrite: bool = False) -> dict:
+    from flowmanip.algos.flow_matching import action_dim_mask
     from flowmanip.data.samples import DemoSamples, normalization_stats
     from flowmanip.envs import make_vector_env
     from flowmanip.train.checkpoint import (check_init_matches, load_checkpoint, rng_state, save_checkpoint,
@@ -113,6 +79,8 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
 
         samples = DemoSamples(episodes, recipe.policy.chunk)
         actions = policy.scaler.to_normalized(samples.actions.to(device)).reshape(len(samples), -1)
+        # a chunk that runs past its episode's end is padded with the last action: no loss there
+        action_masks = action_dim_mask(samples.action_mask, spec["action_dim"]).to(device)
         obs_all = {k: v.to(device) for k, v in samples.obs.items()}
         idx_obs = samples.idx_obs.to(device)
         logger = MetricsLogger(stage_dir, recipe, "pretrain", resume_step=start_step if resume else None)
@@ -136,7 +104,7 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
         for step in bar:
             idx = torch.randint(len(samples), (cfg.batch_size,), device=device)
             obs = {k: v[idx_obs[idx]] for k, v in obs_all.items()}
-            loss = policy.actor.flow_matching_loss(policy.encoder(obs), actions[idx])
+            loss = policy.actor.flow_matching_loss(policy.encoder(obs), actions[idx], action_masks[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 10.0)

@@ -1,0 +1,53 @@
+"""Training batches for the fine-tune: online transitions mixed with demonstration chunks."""
+
+from __future__ import annotations
+
+import torch
+
+from flowmanip.train.replay import concat_batches
+
+
+def to_device(batch: dict, device) -> dict:
+    """Move a batch (tensors, and obs dicts of tensors) to ``device``."""
+    return {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
+            for k, v in batch.items()}
+
+
+class BatchSampler:
+    """Draws ``batch_size`` transitions: a ``demo_fraction`` share from the demos (RLPD-style; None draws
+    uniformly over demos and online data together), the rest from the replay buffer.
+
+    Demo actions are normalised once, here, with the policy's scaler. Demo samples stay on
+    the CPU until drawn; batches come back on ``device``.
+    """
+
+    def __init__(self, buffer, demos, scaler, cfg, device):
+        self.buffer, self.demos, self.cfg, self.device = buffer, demos, cfg, device
+        self.demo_actions = None
+        if demos is not None:
+            with torch.no_grad():
+                self.demo_actions = scaler.to_normalized(demos.actions.to(device)).reshape(len(demos), -1).cpu()
+
+    @property
+    def has_demos(self) -> bool:
+        return self.demos is not None
+
+    def demo_batch(self, n: int) -> dict:
+        idx = torch.randint(len(self.demos), (n,))
+        b = self.demos.get(idx)
+        b["action"] = self.demo_actions[idx]
+        b.pop("action_mask")
+        return to_device(b, self.device)
+
+    def num_demo(self) -> int:
+        n, fraction = self.cfg.batch_size, self.cfg.demo_fraction
+        if self.demos is None or fraction == 0:
+            return 0
+        if fraction is None:
+            return int(round(n * len(self.demos) / (len(self.demos) + len(self.buffer))))
+        return int(round(n * fraction))
+
+    def batch(self) -> dict:
+        n_demo = self.num_demo()
+        online = to_device(self.buffer.sample(self.cfg.batch_size - n_demo), self.device)
+        return online if n_demo == 0 else concat_batches(online, self.demo_batch(n_demo))
