@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU rows of docs/benchmarks.md in one command. Needs a CUDA GPU and the pretrained checkpoints that
+# The GPU rows of docs/results.md in one command. Needs a CUDA GPU and the pretrained checkpoints that
 # benchmarks/pretrain_pickcube.py leaves in <results>/runs/pretrain_<velocity>.
 #
 #   bash benchmarks/gpu_suite.sh [results_dir]

@@ -55,7 +55,7 @@ class PolicyConfig:
     flow_steps: int = 4  # K
     chunk: int = 8  # H: actions predicted per decision
     execute: int = 0  # actions executed per decision before replanning (0 = all H)
-    hidden_dim: int = 512  # velocity MLPs (mlp, gated); 512 fits PickCube far better than 256 (docs/benchmarks.md)
+    hidden_dim: int = 512  # velocity MLPs (mlp, gated); 512 fits PickCube far better than 256 (docs/notes/pickcube-pretraining.md)
     num_layers: int = 3  # hidden layers of the velocity MLPs
     gate_hidden_dim: int = 256  # Flow-G's gate head: width ...
     gate_layers: int = 1  # ... and hidden layers (a small head, as in the paper's offline-to-online code)
