@@ -25,7 +25,7 @@ CHOICES = {
     "policy.sigma_mode": ("fixed", "learned"),
     "finetune.q_aggregation": ("min", "mean"),
     "finetune.bc_type": ("flow_matching", "action_mse", "none"),
-    "finetune.actor": ("flow", "gaussian"),
+    "finetune.actor": ("flow", "gaussian", "residual", "steer"),
 }
 
 
@@ -72,6 +72,8 @@ class PolicyConfig:
     # std of A_0 in the noise-augmented (SAC) rollout: 1 samples N(0, I) as the paper does; 0 starts
     # at A_0 = 0 like the deterministic rollout used for eval, so SAC trains the policy it is scored on
     init_std: float = 1.0
+    residual_scale: float = 0.2  # finetune.actor=residual: bound of the correction, in normalised action units
+    noise_bound: float = 1.5  # finetune.actor=steer: SAC's initial noise A_0 lies in [-noise_bound, noise_bound]^d
     log_sigma_min: float = -5.0  # clamp of the learned head's log sigma
     log_sigma_max: float = 0.0
 
@@ -92,7 +94,9 @@ class PretrainConfig:
 @dataclass
 class FinetuneConfig:
     init: Optional[str] = None  # default: out_dir/pretrain/checkpoints/last; "none" trains from scratch
-    actor: str = "flow"  # flow (SAC Flow) | gaussian (tanh-Gaussian SAC baseline)
+    # flow (SAC Flow) | gaussian (tanh-Gaussian SAC) | residual (a SAC policy adds a bounded correction to the
+    # frozen flow policy, as Policy Decorator) | steer (SAC picks the frozen flow's initial noise, as DSRL)
+    actor: str = "flow"
     total_env_steps: int = 50000  # online env steps, all envs and processes together
     learning_starts: int = 1000  # env steps before updates start
     random_warmup: int = 0  # env steps of uniform random actions (from-scratch runs)
@@ -291,7 +295,17 @@ def check_finetune_settings(r: Recipe, source: str = "<recipe>") -> None:
     rewards and ``gamma^n`` are those of H steps) while evaluation replans after ``execute`` actions, so the
     policy it scores is not the one it trains.
     """
-    p = r.policy
+    p, f = r.policy, r.finetune
+    if f.actor in ("residual", "steer"):
+        if f.bc_weight > 0 and f.bc_type != "none" or f.anchor_weight > 0:
+            raise FlowmanipError(f"{source}: finetune.actor={f.actor} keeps the flow policy frozen, so it has no BC or "
+                                 "anchor term: set finetune.bc_weight=0 and finetune.anchor_weight=0")
+        if f.actor == "steer" and f.demo_fraction != 0 and r.data is not None and r.data.path:
+            raise FlowmanipError(f"{source}: finetune.actor=steer learns Q over the flow's initial noise, which demos "
+                                 "do not record: set finetune.demo_fraction=0")
+        if str(f.init).lower() in ("none", "scratch", ""):
+            raise FlowmanipError(f"{source}: finetune.actor={f.actor} starts from a pretrained flow policy; "
+                                 "finetune.init=none has none")
     if 0 < p.execute < p.chunk:
         raise FlowmanipError(
             f"{source}: policy.execute={p.execute} with policy.chunk={p.chunk}: flowmanip finetune trains on whole "
@@ -316,7 +330,7 @@ NON_NEGATIVE = (
     "finetune.eval_episodes", "finetune.anchor_weight", "finetune.bc_weight", "finetune.bc_decay_steps",
     "pretrain.eval_every", "pretrain.eval_episodes", "pretrain.weight_decay",
 )
-RATES = ("pretrain.lr", "finetune.lr_actor", "finetune.lr_critic", "finetune.lr_alpha", "finetune.init_alpha")
+RATES = ("policy.residual_scale", "policy.noise_bound", "pretrain.lr", "finetune.lr_actor", "finetune.lr_critic", "finetune.lr_alpha", "finetune.init_alpha")
 
 
 def _value(r: Recipe, key: str):

@@ -16,6 +16,7 @@ from flowmanip.models.critic import QEnsemble
 from flowmanip.models.encoders import RGBEncoder, StateEncoder
 from flowmanip.models.flow_policy import FlowActor
 from flowmanip.models.gaussian import GaussianActor
+from flowmanip.models.steering import NoiseSteeringActor, ResidualActor
 
 
 class ActionScaler(nn.Module):
@@ -51,8 +52,13 @@ class Policy(nn.Module):
         super().__init__()
         self.spec = dict(spec)
         self.encoder = build_encoder(spec, policy_cfg)
-        actor_cls = GaussianActor if actor_kind == "gaussian" else FlowActor
-        self.actor = actor_cls(self.encoder.out_dim, spec["action_dim"], policy_cfg)
+        z_dim, action_dim = self.encoder.out_dim, spec["action_dim"]
+        if actor_kind == "residual":
+            self.actor = ResidualActor(z_dim, action_dim, policy_cfg, policy_cfg.residual_scale)
+        elif actor_kind == "steer":
+            self.actor = NoiseSteeringActor(z_dim, action_dim, policy_cfg, policy_cfg.noise_bound)
+        else:
+            self.actor = (GaussianActor if actor_kind == "gaussian" else FlowActor)(z_dim, action_dim, policy_cfg)
         self.scaler = ActionScaler(spec["action_low"], spec["action_high"], spec["env_low"], spec["env_high"])
         self.chunk, self.action_dim = policy_cfg.chunk, spec["action_dim"]
 
@@ -64,8 +70,24 @@ class Policy(nn.Module):
         if deterministic:
             a = torch.tanh(self.actor.deterministic(z))
         else:
-            a = self.actor.sample(z)[0]
+            a = self.execute(z, self.actor.sample(z)[0])
         return self.scaler.to_env(a.reshape(-1, self.chunk, self.action_dim))
+
+
+    def execute(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The normalised chunk an actor's (critic-space) action runs: itself, except for noise steering."""
+        return self.actor.execute(z, action) if isinstance(self.actor, NoiseSteeringActor) else action
+
+    def load_init(self, state: dict) -> None:
+        """Load a pretrained policy's weights; a residual or noise-steering actor takes them as its frozen base."""
+        if isinstance(self.actor, (ResidualActor, NoiseSteeringActor)):
+            state = {("actor.base." + k[6:] if k.startswith("actor.") else k): v for k, v in state.items()}
+            missing, unexpected = self.load_state_dict(state, strict=False)
+            fresh = [k for k in missing if not k.startswith("actor.base.")]
+            if unexpected or len(fresh) != len(missing):
+                raise RuntimeError(f"init weights do not fit the policy: missing {missing}, unexpected {unexpected}")
+        else:
+            self.load_state_dict(state)
 
 
 def build_critic(encoder_dim: int, spec: dict, policy_cfg, finetune_cfg) -> QEnsemble:

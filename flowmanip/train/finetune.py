@@ -162,7 +162,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
         policy = Policy(spec, recipe.policy, cfg.actor).to(device)
         if ckpt is not None and not resume:
             w = ckpt["weights"]
-            policy.load_state_dict(w.get("policy_ema", w["policy"]))
+            policy.load_init(w.get("policy_ema", w["policy"]))
             if cfg.actor == "flow":  # the noise is a fine-tune setting: this recipe's, not the init's
                 policy.actor.reset_sigma(recipe.policy.sigma)
         check_reachable_entropy(recipe, policy.actor.dim, recipe_path)  # an explicit target needs d
@@ -242,7 +242,8 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                     action = torch.rand(env.num_envs, policy.actor.dim, device=device) * 2 - 1
                 else:
                     action = policy.actor.sample(policy.encoder(obs_dev))[0]
-            result = env.step_chunk(policy.scaler.to_env(action.reshape(-1, H, policy.action_dim)), gamma=cfg.gamma,
+                chunk = policy.execute(policy.encoder(obs_dev), action)  # the action itself, but for noise steering
+            result = env.step_chunk(policy.scaler.to_env(chunk.reshape(-1, H, policy.action_dim)), gamma=cfg.gamma,
                                     ignore_terminations=cfg.ignore_terminations)
             buffer.add(obs, action, result.reward, result.discount, result.terminated, result.final_obs)
             obs = result.next_obs

@@ -66,7 +66,9 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
             f.write(to_yaml(recipe))
 
         # finetune.actor=gaussian pretrains the Gaussian SAC baseline by Gaussian behaviour cloning
-        policy = Policy(spec, recipe.policy, recipe.finetune.actor).to(device)
+        # (residual and noise-steering fine-tunes start from a flow policy)
+        actor = "gaussian" if recipe.finetune.actor == "gaussian" else "flow"
+        policy = Policy(spec, recipe.policy, actor).to(device)
         ema_policy = copy.deepcopy(policy).eval()
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_lr(s, cfg.steps))
