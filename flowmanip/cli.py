@@ -4,6 +4,7 @@
     flowmanip finetune RECIPE [key=value ...] [--resume]
     flowmanip eval CKPT [--episodes N] [--stochastic] [--sigma S] [--json] [--per-episode FILE.json]
     flowmanip export CKPT -o policy.pt  (or -o policy.onnx)
+    flowmanip convert-checkpoint OLD NEW [--trust]
     flowmanip demos generate|replay|to-robomimic|inspect ...
 
 User errors print one line and exit with code 2 (``--debug`` shows the traceback).
@@ -63,6 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output file, e.g. policy.pt")
     p.add_argument("--stochastic", action="store_true", help="bake in the noise-augmented rollout")
     p.add_argument("--seed", type=int, default=None, help="noise seed for --stochastic (default 0)")
+
+    p = sub.add_parser("convert-checkpoint",
+                       help="rewrite a checkpoint of an earlier flowmanip (a pickled policy.pt) in the safe format")
+    p.add_argument("old", help="checkpoint directory written by an earlier flowmanip (with policy.pt), or its policy.pt")
+    p.add_argument("new", help="directory to write the converted checkpoint to (must not exist)")
+    p.add_argument("--trust", action="store_true",
+                   help="if a file holds more than tensors and plain data, unpickle it anyway (runs any code in it; "
+                        "only for files you trust)")
 
     demos = sub.add_parser("demos", help="make, convert and inspect demonstration files").add_subparsers(
         dest="demos_command", required=True)
@@ -167,6 +176,10 @@ def _run(args) -> int:
         path = export_checkpoint(args.checkpoint, args.output, fmt=args.format, stochastic=args.stochastic,
                                  seed=args.seed or 0)
         print(f"wrote {path}")
+    elif args.command == "convert-checkpoint":
+        from flowmanip.train.checkpoint import convert_checkpoint
+
+        print(f"wrote {convert_checkpoint(args.old, args.new, trust=args.trust)}")
     elif args.command == "demos":
         return _run_demos(args)
     return 0

@@ -202,7 +202,8 @@ def test_gaussian_baseline_log_prob_and_behaviour_cloning():
 def test_flow_t_checkpoints_from_older_versions_load_with_their_shapes(tmp_path, tokens, missing):
     """Older checkpoints lack keys whose new defaults would change Flow-T's weight shapes."""
     from flowmanip.config import Recipe, to_dict
-    from flowmanip.train.checkpoint import load_checkpoint
+    from flowmanip.errors import FlowmanipError
+    from flowmanip.train.checkpoint import convert_checkpoint, load_checkpoint
     from flowmanip.train.pretrain import policy_from_checkpoint
 
     recipe = Recipe()
@@ -217,7 +218,9 @@ def test_flow_t_checkpoints_from_older_versions_load_with_their_shapes(tmp_path,
         del config["policy"][key]
     torch.save({"config": config, "spec": spec, "meta": {}, "weights": {"policy": old.state_dict()}},
                tmp_path / "policy.pt")
-    ckpt = load_checkpoint(str(tmp_path))
+    with pytest.raises(FlowmanipError, match="convert-checkpoint"):  # a pickle: refused, never opened
+        load_checkpoint(str(tmp_path))
+    ckpt = load_checkpoint(convert_checkpoint(str(tmp_path), str(tmp_path / "converted")))
     assert (ckpt["recipe"].policy.decoder_tokens, ckpt["recipe"].policy.decoder_memory_tokens) == (tokens, 1)
     loaded = policy_from_checkpoint(ckpt)
     obs = {"state": torch.randn(4, 5)}

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_cli
+from flowmanip.train.checkpoint import load_checkpoint
 
 TINY_PRETRAIN = ["pretrain.steps=300", "pretrain.log_every=50", "pretrain.eval_every=300", "pretrain.eval_episodes=2",
                  "pretrain.save_every=300", "policy.hidden_dim=64", "policy.encoder_dim=64", "env.num_eval_envs=2"]
@@ -31,7 +32,7 @@ def test_pickcube_pretrain_eval_finetune(demo_dir, tmp_path):
     data = f"data.path={demo_dir / 'pick_ee.h5'}"
     run_cli("pretrain", "recipes/pickcube.yaml", data, f"out_dir={out}", *TINY_PRETRAIN)
     stage = out / "pretrain"
-    for name in ("config.yaml", "metrics.jsonl", "learning_curve.png", "checkpoints/last/policy.pt",
+    for name in ("config.yaml", "metrics.jsonl", "learning_curve.png", "checkpoints/last/model.safetensors",
                  "checkpoints/last/training_state.pt"):
         assert (stage / name).exists(), name
     assert list((stage / "tensorboard").iterdir())
@@ -62,7 +63,8 @@ def test_pickcube_pretrain_eval_finetune(demo_dir, tmp_path):
     assert quiet["return_mean"] == pytest.approx(result["return_mean"], rel=1e-2)
     assert loud["return_mean"] != pytest.approx(result["return_mean"], rel=1e-2)
     # more Euler steps of the same field at inference: another deterministic rollout; K < 1 is refused
-    fine = json.loads(run_cli("eval", stage / "checkpoints/last/policy.pt", "--episodes", 3, "--json",  # the file works too
+    # (and a file of the checkpoint works as CKPT too)
+    fine = json.loads(run_cli("eval", stage / "checkpoints/last/model.safetensors", "--episodes", 3, "--json",
                               "--flow-steps", 16).stdout.strip().splitlines()[-1])
     assert fine["flow_steps"] == 16 and "stochastic" not in fine
     assert fine["return_mean"] != pytest.approx(result["return_mean"], rel=1e-4)
@@ -148,7 +150,7 @@ def test_pushcube_scratch_recipe(tmp_path):
             "finetune.random_warmup=64", "finetune.learning_starts=64", "finetune.batch_size=32",
             "finetune.log_every=64", "finetune.eval_every=256", "finetune.eval_episodes=2",
             "finetune.save_every=256", "policy.hidden_dim=64", "policy.encoder_dim=64")
-    ckpt = torch.load(tmp_path / "finetune/checkpoints/last/policy.pt", weights_only=False)
+    ckpt = load_checkpoint(str(tmp_path / "finetune"))
     assert ckpt["meta"]["env_id"] == "PushCube-v1" and ckpt["meta"]["init"] is None
     # obs statistics came from the random warm-up, not the identity placeholder
     assert ckpt["spec"]["obs_std"] != [1.0] * ckpt["spec"]["obs_dim"]
@@ -184,7 +186,7 @@ def test_pretrain_resume_after_kill(demo_dir, tmp_path):
     args = ["pretrain", "recipes/pickcube.yaml", f"data.path={demo_dir / 'pick_ee.h5'}", f"out_dir={tmp_path}",
             "pretrain.steps=1500", "pretrain.save_every=100", "pretrain.log_every=50", "pretrain.eval_every=0",
             "policy.hidden_dim=64", "policy.encoder_dim=64", "env.num_eval_envs=1"]
-    _kill_when(_popen(*args), tmp_path / "pretrain/checkpoints/200/policy.pt")
+    _kill_when(_popen(*args), tmp_path / "pretrain/checkpoints/200/model.safetensors")
     last = int(os.readlink(tmp_path / "pretrain/checkpoints/last"))
     assert 200 <= last < 1500
     run_cli(*args, "--resume")
@@ -198,13 +200,13 @@ def test_finetune_resume_after_kill(demo_dir, tmp_path):
             "finetune.batch_size=32", "finetune.log_every=160", "finetune.eval_every=0", "finetune.save_every=320",
             "finetune.save_buffer=true", "policy.hidden_dim=64", "policy.encoder_dim=64", "finetune.q_hidden_dim=64"]
     _kill_when(_popen(*args), tmp_path / "finetune/checkpoints/last")
-    first = torch.load(tmp_path / "finetune/checkpoints/last/training_state.pt", weights_only=False)
+    first = torch.load(tmp_path / "finetune/checkpoints/last/training_state.pt", weights_only=True)
     assert first["counters"]["env_steps"] >= 320 and len(first["buffer"]["action"]) > 0
     run_cli(*args, "--resume")
     rows = [r for r in metrics(tmp_path / "finetune") if "critic_loss" in r or "alpha" in r]
     steps = [r["step"] for r in rows]
     assert steps == sorted(set(steps)) and steps[-1] >= 4000  # continues, no repeats
-    final = torch.load(tmp_path / "finetune/checkpoints/last/training_state.pt", weights_only=False)
+    final = torch.load(tmp_path / "finetune/checkpoints/last/training_state.pt", weights_only=True)
     assert final["counters"]["updates"] > first["counters"]["updates"]
 
 
@@ -235,7 +237,7 @@ def test_finetune_resume_without_buffer_collects_before_updating(demo_dir, tmp_p
             "finetune.save_buffer=false", "env.num_envs=2", "policy.hidden_dim=64", "policy.encoder_dim=64",
             "finetune.q_hidden_dim=64", "finetune.critic_warmup=0"]
     run_cli(*args, "finetune.total_env_steps=640")
-    first = torch.load(tmp_path / "finetune/checkpoints/last/training_state.pt", weights_only=False)
+    first = torch.load(tmp_path / "finetune/checkpoints/last/training_state.pt", weights_only=True)
     assert "buffer" not in first and first["counters"]["updates"] > 0
     proc = run_cli(*args, "finetune.total_env_steps=1280", "--resume")
     assert "empty replay buffer" in proc.stderr  # the user is told why updates pause
