@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from flowmanip import __version__
-from flowmanip.config import from_dict, to_yaml
+from flowmanip.config import from_dict, upgrade_checkpoint_config, to_yaml
 from flowmanip.errors import FlowmanipError
 from flowmanip.utils import atomic_output
 
@@ -327,12 +327,8 @@ def _read_weights(file: str) -> tuple[dict, dict]:
 
 
 def _compat_config(config: dict) -> dict:
-    # older checkpoints lack keys whose new defaults change Flow-T's weights (both added 2026-11-26):
-    # before decoder_tokens Flow-T had per-step tokens, before decoder_memory_tokens one memory token
-    policy = config.setdefault("policy", {})
-    policy.setdefault("decoder_tokens", "chunk")
-    policy.setdefault("decoder_memory_tokens", 1)
-    return config
+    """Settings added after a checkpoint was written take the values that reproduce its weights."""
+    return upgrade_checkpoint_config(config)
 
 
 def _recipe_from_config(config: dict, source: str):

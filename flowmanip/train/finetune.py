@@ -21,102 +21,20 @@ import torch
 from tqdm import tqdm
 
 from flowmanip.algos.sac_flow import SACFlow
-from flowmanip.config import check_finetune_settings, check_reachable_entropy, load_recipe, to_yaml
-from flowmanip.errors import FlowmanipError
+from flowmanip.config import check_reachable_entropy, load_recipe, to_yaml
 from flowmanip.models.policy import Policy, build_critic
-from flowmanip.train.checkpoint import check_init_matches, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from flowmanip.train.checkpoint import rng_state, save_checkpoint, set_rng_state
 from flowmanip.train.distributed import broadcast_parameters, gradient_averager, max_parameter_drift
-from flowmanip.train.logger import MetricsLogger, plot_curves, read_metrics
+from flowmanip.train.finetune_setup import (check_start, earlier_evals, log_row, mean_sigma, scratch_spec,
+                                           set_obs_stats)
+from flowmanip.train.logger import MetricsLogger, plot_curves
 from flowmanip.train.replay import ReplayBuffer
 from flowmanip.train.sampler import BatchSampler, to_device
-from flowmanip.utils import atomic_output, check_output_dir, device_for
-
-MIN_STATS_STEPS = 64  # from scratch: env steps the observation normaliser is computed from, at least
-
-
-def resolve_init(recipe) -> str | None:
-    init = recipe.finetune.init
-    if init is None:
-        return os.path.join(recipe.out_dir, "pretrain", "checkpoints", "last")
-    return None if init.lower() in ("none", "scratch", "") else init
-
-
-def earlier_evals(metrics_path: str) -> list[dict]:
-    """The evaluations logged in ``metrics_path``, as ``summary.json`` lists them. A resumed run's
-    logger has already cut the file back to the checkpoint, so these are the ones made before it;
-    their ``time_s`` is None: it belonged to the earlier process."""
-    evals = []
-    for row in read_metrics(metrics_path) if os.path.exists(metrics_path) else []:
-        if "eval/success_once" in row:
-            e = {"env_steps": row["step"], "time_s": None,
-                 **{k[5:]: v for k, v in row.items() if k.startswith("eval/")}}
-            if "episodes" in e:  # the logger writes every value as a float
-                e["episodes"] = int(e["episodes"])
-            evals.append(e)
-    return evals
-
+from flowmanip.utils import atomic_output, device_for
 
 def next_multiple(step: int, every: int) -> int:
     """The first multiple of ``every`` after ``step`` (schedules catch up when one loop passes several)."""
     return (step // every + 1) * every
-
-
-def check_start(recipe, recipe_path: str, stage_dir: str, resume: bool):
-    """Everything that can fail on user input, before any env starts. Returns ``(episodes or None,
-    checkpoint to start from or None)``."""
-    from flowmanip.data import load_demos
-
-    cfg = recipe.finetune
-    check_output_dir(stage_dir)  # out_dir=policy.pt is a typo, not a run
-    check_finetune_settings(recipe, recipe_path)
-    episodes = None
-    if recipe.data is not None and bool(recipe.data.path) and (cfg.bc_weight > 0 or cfg.demo_fraction != 0):
-        meta, episodes = load_demos(recipe)
-        if not all(e.rewards is not None for e in episodes):
-            raise FlowmanipError(f"{recipe.data.path}: demos have no rewards; convert them with `flowmanip demos "
-                                 f"replay FILE -c {recipe.env.control_mode} --reward-mode {recipe.env.reward_mode} "
-                                 "--output OUT.h5`")
-        if meta.reward_mode is not None and meta.reward_mode != recipe.env.reward_mode:
-            raise FlowmanipError(f"{recipe.data.path}: demo rewards are {meta.reward_mode!r}, "
-                                 f"the recipe's env.reward_mode is {recipe.env.reward_mode!r}")
-    init_path = resolve_init(recipe)
-    ckpt = None
-    if resume:
-        ckpt = load_checkpoint(os.path.join(stage_dir, "checkpoints", "last"), with_training_state=True)
-    elif init_path is not None:
-        if not os.path.exists(init_path):
-            raise FlowmanipError(f"finetune.init: {init_path} does not exist; run `flowmanip pretrain` first, "
-                                 "or set finetune.init=none to train from scratch")
-        ckpt = load_checkpoint(init_path)
-    if ckpt is not None:
-        check_init_matches(ckpt["meta"], recipe, ckpt["path"], episodes[0].obs["state"].shape[-1] if episodes else None,
-                           ckpt["recipe"].policy, what="the run to resume" if resume else "init checkpoint")
-    elif episodes is None and max(cfg.random_warmup, cfg.learning_starts) < MIN_STATS_STEPS:
-        raise FlowmanipError(f"{recipe_path}: from scratch without demos, the observation normaliser is computed "
-                             f"from the first max(finetune.random_warmup, finetune.learning_starts) env steps; "
-                             f"set one of them to at least {MIN_STATS_STEPS}")
-    return episodes, ckpt
-
-
-def scratch_spec(env, obs) -> dict:
-    """From scratch: the env's action bounds; observation statistics are set once enough states are in."""
-    d = obs["state"].shape[-1]
-    return {"obs_dim": d, "obs_mean": [0.0] * d, "obs_std": [1.0] * d, "action_dim": int(env.action_low.shape[0]),
-            "action_low": env.action_low.tolist(), "action_high": env.action_high.tolist(),
-            "env_low": env.action_low.tolist(), "env_high": env.action_high.tolist(),
-            "rgb_shape": list(obs["rgb"].shape[1:]) if "rgb" in obs else None}
-
-
-def set_obs_stats(accelerator, buffer, agent, spec, device) -> None:
-    """Observation mean and std from every state collected so far (all processes)."""
-    n = len(buffer)
-    states = torch.cat([buffer.obs["state"][:n], buffer.next_obs["state"][:n]]).to(device)
-    states = accelerator.gather(states)
-    mean, std = states.mean(0), states.std(0).clamp(min=1e-3)
-    for module in (agent.encoder, agent.target_encoder):
-        module.normalizer.mean.copy_(mean)
-        module.normalizer.std.copy_(std)
-    spec["obs_mean"], spec["obs_std"] = mean.tolist(), std.tolist()
 
 
 def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, overwrite: bool = False) -> dict:
@@ -275,14 +193,8 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             if counters["env_steps"] >= next_log:
                 if is_main:
                     elapsed = max(time.time() - t0, 1e-6)
-                    row = {k: float(v) for k, v in info.items()}
-                    row.update(alpha=float(agent.alpha), updates=agent.updates, time_s=elapsed,
-                               sigma=mean_sigma(policy, obs_dev),
-                               env_steps_per_s=(counters["env_steps"] - steps_at_start) / elapsed,
-                               updates_per_s=(agent.updates - updates_at_start) / elapsed)
-                    if recent:  # the main rank's training episodes
-                        row["train/return"] = sum(e["return"] for e in recent) / len(recent)
-                        row["train/success_once"] = sum(e["success_once"] for e in recent) / len(recent)
+                    row = log_row(info, agent, mean_sigma(policy, obs_dev), recent, elapsed,
+                                  counters["env_steps"] - steps_at_start, agent.updates - updates_at_start)
                     logger.log(counters["env_steps"], row)
                     bar.set_postfix(q=f"{row.get('q_mean', 0):.2f}", alpha=f"{row['alpha']:.3g}")
                 recent = []
@@ -309,11 +221,3 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             eval_env.close()
         if logger is not None:
             logger.close()
-
-
-@torch.no_grad()
-def mean_sigma(policy, obs) -> float:
-    """Mean per-step noise scale of the noise-augmented rollout at ``obs`` (0 for actors without one)."""
-    if not hasattr(policy.actor, "log_sigma"):
-        return 0.0
-    return float(policy.actor.log_sigma(policy.encoder(obs)).exp().mean())
