@@ -25,7 +25,7 @@ CHOICES = {
     "policy.sigma_mode": ("fixed", "learned"),
     "finetune.q_aggregation": ("min", "mean"),
     "finetune.bc_type": ("flow_matching", "action_mse", "none"),
-    "finetune.actor": ("flow", "gaussian", "residual", "steer"),
+    "finetune.actor": ("flow", "gaussian", "residual", "noise"),
 }
 
 
@@ -62,7 +62,7 @@ class PolicyConfig:
     decoder_layers: int = 2  # Flow-T
     decoder_heads: int = 4  # Flow-T attention heads (must divide decoder_dim)
     decoder_dim: int = 128  # Flow-T token width
-    decoder_tokens: str = "single"  # Flow-T query tokens: single (one for the whole chunk, DESIGN.md) | chunk (one per step, H x compute)
+    decoder_tokens: str = "single"  # Flow-T query tokens: single (one for the whole chunk) | chunk (one per step, H x compute)
     decoder_memory_tokens: int = 4  # Flow-T: the observation embedding as this many tokens (1: attention cannot see the query)
     encoder: str = "identity"  # state obs: identity (normalised state) | mlp
     encoder_dim: int = 256  # features out of the mlp / rgb encoder
@@ -73,7 +73,7 @@ class PolicyConfig:
     # at A_0 = 0 like the deterministic rollout used for eval, so SAC trains the policy it is scored on
     init_std: float = 1.0
     residual_scale: float = 0.2  # finetune.actor=residual: bound of the correction, in normalised action units
-    noise_bound: float = 1.5  # finetune.actor=steer: SAC's initial noise A_0 lies in [-noise_bound, noise_bound]^d
+    noise_bound: float = 1.5  # finetune.actor=noise: SAC's initial noise A_0 lies in [-noise_bound, noise_bound]^d
     log_sigma_min: float = -5.0  # clamp of the learned head's log sigma
     log_sigma_max: float = 0.0
 
@@ -95,7 +95,7 @@ class PretrainConfig:
 class FinetuneConfig:
     init: Optional[str] = None  # default: out_dir/pretrain/checkpoints/last; "none" trains from scratch
     # flow (SAC Flow) | gaussian (tanh-Gaussian SAC) | residual (a SAC policy adds a bounded correction to the
-    # frozen flow policy, as Policy Decorator) | steer (SAC picks the frozen flow's initial noise, as DSRL)
+    # frozen flow policy, as Policy Decorator) | noise (SAC picks the frozen flow's initial noise, as DSRL)
     actor: str = "flow"
     total_env_steps: int = 50000  # online env steps, all envs and processes together
     learning_starts: int = 1000  # env steps before updates start
@@ -296,13 +296,10 @@ def check_finetune_settings(r: Recipe, source: str = "<recipe>") -> None:
     policy it scores is not the one it trains.
     """
     p, f = r.policy, r.finetune
-    if f.actor in ("residual", "steer"):
+    if f.actor in ("residual", "noise"):
         if f.bc_weight > 0 and f.bc_type != "none" or f.anchor_weight > 0:
             raise FlowmanipError(f"{source}: finetune.actor={f.actor} keeps the flow policy frozen, so it has no BC or "
                                  "anchor term: set finetune.bc_weight=0 and finetune.anchor_weight=0")
-        if f.actor == "steer" and f.demo_fraction != 0 and r.data is not None and r.data.path:
-            raise FlowmanipError(f"{source}: finetune.actor=steer learns Q over the flow's initial noise, which demos "
-                                 "do not record: set finetune.demo_fraction=0")
         if str(f.init).lower() in ("none", "scratch", ""):
             raise FlowmanipError(f"{source}: finetune.actor={f.actor} starts from a pretrained flow policy; "
                                  "finetune.init=none has none")

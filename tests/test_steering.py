@@ -22,7 +22,7 @@ def pretrained_flow():
     return Policy(SPEC, PCFG, "flow")
 
 
-@pytest.mark.parametrize("kind", ["residual", "steer"])
+@pytest.mark.parametrize("kind", ["residual", "noise"])
 def test_base_loads_frozen_and_sac_moves_only_the_new_head(kind):
     flow = pretrained_flow()
     policy = Policy(SPEC, PCFG, kind)
@@ -63,12 +63,19 @@ def test_residual_log_prob_is_the_scaled_head_density():
     torch.testing.assert_close(log_prob, by_hand - 4 * math.log(0.1), atol=1e-3, rtol=1e-4)
 
 
-def test_steering_executes_the_flow_from_the_chosen_noise():
-    policy = Policy(SPEC, PCFG, "steer")
+def test_noise_noiseing_executes_the_frozen_flow_from_the_chosen_noise():
+    """The executed chunk is the pretrained flow's deterministic rollout from A_0 = bound * w, and the actor's
+    gradient reaches w's policy through the frozen rollout."""
+    policy = Policy(SPEC, PCFG, "noise")
     flow = pretrained_flow()
     policy.load_init(flow.state_dict())
     z = torch.randn(4, 5)
-    w = torch.rand(4, 4) * 2 - 1
-    expected = torch.tanh(flow.actor.deterministic(z, 1.5 * w))
-    torch.testing.assert_close(policy.execute(z, w), expected)
-    assert not torch.allclose(policy.execute(z, w), policy.execute(z, -w))  # the noise steers the chunk
+    torch.manual_seed(2)
+    a, log_prob, _ = policy.actor.sample(z)
+    torch.manual_seed(2)
+    w, log_prob_w = policy.actor.noise_policy.sample(z)
+    torch.testing.assert_close(a, torch.tanh(flow.actor.deterministic(z, 1.5 * w)))
+    torch.testing.assert_close(log_prob, log_prob_w)
+    a.sum().backward()
+    assert policy.actor.noise_policy.net[-1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in policy.actor.base.parameters())

@@ -55,7 +55,7 @@ class Policy(nn.Module):
         z_dim, action_dim = self.encoder.out_dim, spec["action_dim"]
         if actor_kind == "residual":
             self.actor = ResidualActor(z_dim, action_dim, policy_cfg, policy_cfg.residual_scale)
-        elif actor_kind == "steer":
+        elif actor_kind == "noise":
             self.actor = NoiseSteeringActor(z_dim, action_dim, policy_cfg, policy_cfg.noise_bound)
         else:
             self.actor = (GaussianActor if actor_kind == "gaussian" else FlowActor)(z_dim, action_dim, policy_cfg)
@@ -70,13 +70,9 @@ class Policy(nn.Module):
         if deterministic:
             a = torch.tanh(self.actor.deterministic(z))
         else:
-            a = self.execute(z, self.actor.sample(z)[0])
+            a = self.actor.sample(z)[0]
         return self.scaler.to_env(a.reshape(-1, self.chunk, self.action_dim))
 
-
-    def execute(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """The normalised chunk an actor's (critic-space) action runs: itself, except for noise steering."""
-        return self.actor.execute(z, action) if isinstance(self.actor, NoiseSteeringActor) else action
 
     def load_init(self, state: dict) -> None:
         """Load a pretrained policy's weights; a residual or noise-steering actor takes them as its frozen base."""

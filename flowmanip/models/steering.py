@@ -3,14 +3,15 @@
 - ``ResidualActor`` (as in Policy Decorator): a small tanh-Gaussian SAC policy adds a bounded
   correction ``scale * r``, ``r in [-1, 1]^d``, to the frozen flow policy's action chunk. The
   critic sees the executed chunk.
-- ``NoiseSteeringActor`` (as in DSRL, noise-action variant): SAC chooses the flow's initial
-  noise ``A_0 = bound * w``, ``w in [-1, 1]^d``; the frozen flow maps it to the chunk through
-  its deterministic K-step rollout. The critic sees ``w`` (the noise is SAC's action).
+- ``NoiseSteeringActor`` (as in DSRL): SAC chooses the flow's initial noise ``A_0 = bound * w``,
+  ``w in [-1, 1]^d``; the frozen flow maps it to the chunk through its deterministic K-step
+  rollout, so RL searches the flow's own action manifold. The critic sees the executed chunk;
+  the actor's gradient reaches ``w`` through the frozen rollout, and the entropy term is that
+  of ``w`` (the density of the chunk itself has no closed form).
 
-Both expose FlowActor's interface (``dim``, ``sample``, ``deterministic``) plus
-``execute(z, action)``: the normalised chunk in [-1, 1] that a critic-space ``action`` runs.
-``deterministic`` returns ``atanh`` of the executed chunk, so that ``tanh(deterministic(z))``
-is the policy's action wherever a FlowActor's pre-tanh output is expected (eval, export).
+Both expose FlowActor's interface (``dim``, ``sample``, ``deterministic``); ``sample`` returns
+the executed chunk. ``deterministic`` returns its pre-tanh value, so that
+``tanh(deterministic(z))`` is the policy's action wherever a FlowActor's is expected (eval, export).
 """
 
 from __future__ import annotations
@@ -72,9 +73,6 @@ class ResidualActor(nn.Module):
         mean, _ = self.residual.stats(torch.cat([z, base], -1))
         return torch.atanh((base + self.scale * torch.tanh(mean)).clamp(-_EDGE, _EDGE))
 
-    def execute(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        return action
-
 
 class NoiseSteeringActor(nn.Module):
     def __init__(self, z_dim: int, action_dim: int, cfg, bound: float, hidden_dim: int = 256, num_layers: int = 2):
@@ -87,13 +85,7 @@ class NoiseSteeringActor(nn.Module):
     def sample(self, z: torch.Tensor, keep_states: bool = False,
                generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor, List[torch.Tensor]]:
         w, log_prob = self.noise_policy.sample(z, generator)
-        return w, log_prob, []
-
-    def execute(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return torch.tanh(self.base.deterministic(z, self.bound * action))
+        return torch.tanh(self.base.deterministic(z, self.bound * w)), log_prob, []
 
     def deterministic(self, z: torch.Tensor, a0: Optional[torch.Tensor] = None) -> torch.Tensor:
-        w = torch.tanh(self.noise_policy.stats(z)[0])
-        with torch.no_grad():
-            return self.base.deterministic(z, self.bound * w)
+        return self.base.deterministic(z, self.bound * torch.tanh(self.noise_policy.stats(z)[0]))

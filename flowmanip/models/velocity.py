@@ -1,4 +1,4 @@
-"""Velocity fields ``v(A_k, t_k, z)`` of the flow rollout (DESIGN.md, "Velocity fields").
+"""Velocity fields ``v(A_k, t_k, z)`` of the flow rollout (docs/design.md).
 
 All take ``a [B, d]`` (d = H * action_dim), ``t [B]`` and ``z [B, z_dim]`` and return ``[B, d]``.
 """
@@ -53,7 +53,7 @@ class GatedVelocity(nn.Module):
 class DecodedVelocity(nn.Module):
     """Flow-T: post-norm Transformer-decoder layers over query tokens made from ``A_k``.
 
-    ``tokens="single"`` (DESIGN.md): one query token ``Linear(A_k) + TimeMLP(t_k)`` for the
+    ``tokens="single"`` (the reference design): one query token ``Linear(A_k) + TimeMLP(t_k)`` for the
     whole chunk. ``tokens="chunk"``: one token per chunk step, ``Linear(a_h)`` plus a learned
     position and ``TimeMLP(t_k)``, so self-attention runs across the H chunk steps (H times
     the compute). The memory is ``StateMLP(z)`` split into ``memory_tokens`` tokens; each layer

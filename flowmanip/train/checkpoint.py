@@ -469,7 +469,7 @@ def architecture_keys(policy_cfg, actor: str, rgb: bool) -> list[str]:
     return keys
 
 
-FROZEN_FLOW_ACTORS = ("residual", "steer")
+FROZEN_FLOW_ACTORS = ("residual", "noise")
 
 
 def check_init_matches(meta: dict, recipe, source: str, obs_dim: int | None, init_policy,

@@ -160,8 +160,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                     action = torch.rand(env.num_envs, policy.actor.dim, device=device) * 2 - 1
                 else:
                     action = policy.actor.sample(policy.encoder(obs_dev))[0]
-                chunk = policy.execute(policy.encoder(obs_dev), action)  # the action itself, but for noise steering
-            result = env.step_chunk(policy.scaler.to_env(chunk.reshape(-1, H, policy.action_dim)), gamma=cfg.gamma,
+            result = env.step_chunk(policy.scaler.to_env(action.reshape(-1, H, policy.action_dim)), gamma=cfg.gamma,
                                     ignore_terminations=cfg.ignore_terminations)
             buffer.add(obs, action, result.reward, result.discount, result.terminated, result.final_obs)
             obs = result.next_obs
