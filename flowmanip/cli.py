@@ -63,7 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: onnx for an .onnx output, else torchscript")
     p.add_argument("-o", "--output", required=True, help="output file, e.g. policy.pt")
     p.add_argument("--stochastic", action="store_true", help="bake in the noise-augmented rollout")
-    p.add_argument("--seed", type=int, default=None, help="noise seed for --stochastic (default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="noise seed for --stochastic (default 0): the module draws from its own generator, so every "
+                        "process that loads the file gets the same action stream; module.reseed(S) restarts it")
 
     p = sub.add_parser("convert-checkpoint",
                        help="rewrite a checkpoint of an earlier flowmanip (a pickled policy.pt) in the safe format")
@@ -124,6 +126,9 @@ def _check_options(args) -> None:
                                  f"name the output {'*.onnx' if args.format == 'onnx' else '*.pt'} or drop --format")
         if args.seed is not None and not args.stochastic:
             raise FlowmanipError("--seed seeds the noise of --stochastic; the deterministic export has none")
+        if args.format == "onnx" and args.stochastic:  # before the checkpoint loads
+            raise FlowmanipError("--stochastic exports to TorchScript only (its seeded noise stream is the module's "
+                                 "state); name the output *.pt")
         if args.format == "onnx":
             try:
                 import onnx  # noqa: F401

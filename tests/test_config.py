@@ -214,3 +214,19 @@ def test_cli_reads_what_users_type_and_refuses_files_where_directories_go(tmp_pa
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "recipe file not found" in proc.stderr
     proc = run_cli("pretrain", "recipes/pickcube.yaml", "--resume", "not_an_override", check=False)
     assert proc.returncode == 2 and "unrecognized arguments: not_an_override" in proc.stderr
+
+
+def test_finetune_refuses_executing_fewer_actions_than_it_trains_on():
+    """Fine-tuning steps whole H-step chunks while evaluation would execute policy.execute < H of them per
+    decision: refused with an error naming policy.execute. Pretraining and evaluation may use it."""
+    from flowmanip.config import check_finetune_settings
+
+    recipe = os.path.join(REPO, "recipes", "pickcube.yaml")
+    partial = load_recipe(recipe, ["policy.execute=4"])  # loading (pretrain, eval) is fine
+    with pytest.raises(FlowmanipError, match=r"policy\.execute=4") as err:
+        check_finetune_settings(partial, recipe)
+    assert "policy.chunk=8" in str(err.value) and recipe in str(err.value)
+    for execute in (0, 8):  # all H
+        check_finetune_settings(load_recipe(recipe, [f"policy.execute={execute}"]))
+    for path in sorted(glob.glob(os.path.join(REPO, "recipes", "*.yaml"))):  # the shipped recipes fine-tune
+        check_finetune_settings(load_recipe(path))

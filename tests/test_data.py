@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import h5py
 import numpy as np
 import pytest
+import torch
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from flowmanip.data import read_dataset, read_maniskill, read_robomimic
 from flowmanip.data.samples import DemoSamples, normalization_stats
 
@@ -235,3 +237,88 @@ def test_an_output_path_that_is_a_directory_is_refused_and_kept(demo_dir, tmp_pa
     _assert_user_error(run_cli("demos", "to-robomimic", demo_dir / "pick_ee.h5", "--output", folder, check=False),
                        "out.hdf5 is a directory")
     assert (folder / "keep.txt").read_text() == "mine"
+
+
+def _episode(T: int, terminated_from: int | None, seed: int = 0):
+    from flowmanip.data.maniskill_io import Episode
+
+    rng = np.random.default_rng(seed)
+    terminated = np.zeros(T, bool)
+    if terminated_from is not None:  # as recorded demos do: terminated stays set for the steps after success
+        terminated[terminated_from:] = True
+    return Episode({"state": np.arange(T + 1, dtype=np.float32)[:, None] * np.ones((1, 3), np.float32)},
+                   rng.uniform(-1, 1, (T, 2)).astype(np.float32), rng.uniform(0, 1, T).astype(np.float32),
+                   terminated, terminated.copy())
+
+
+def _online_chunks(ep, H: int, gamma: float):
+    """The transitions an online episode with these rewards and terminations would give, with terminations
+    used (finetune.ignore_terminations=false): chunks from every step, each stopping at the first termination,
+    where the episode ends (the env resets). Step by step, like the worker env's loop."""
+    out = []
+    for t in range(ep.length):
+        if ep.terminated[:t].any():  # the episode already ended
+            break
+        reward, discount, n, term = 0.0, 1.0, 0, False
+        for i in range(t, min(t + H, ep.length)):
+            reward += discount * float(ep.rewards[i])
+            discount *= gamma
+            n += 1
+            term = bool(ep.terminated[i])
+            if term:
+                break
+        out.append({"t": t, "n": n, "reward": reward, "discount": discount, "terminated": term,
+                    "next": float(ep.obs["state"][t + n, 0])})
+    return out
+
+
+@pytest.mark.parametrize("terminated_from", [None, 5, 9, 11])
+def test_demo_transitions_end_at_the_first_termination_when_terminations_are_used(terminated_from):
+    """finetune.ignore_terminations=false: a demo episode ends at its first terminated step, as an online one
+    does. Chunks stop there (reward and gamma^n over the steps up to and including it, next obs right after
+    it), only those chunks are terminal, and no window starts after it. Ignored (the default), nothing changes."""
+    H, gamma = 4, 0.9
+    episodes = [_episode(12, terminated_from, seed=1), _episode(7, None, seed=2)]
+    s = DemoSamples(episodes, H, gamma, ignore_terminations=False)
+    expected = [c for ep in episodes for c in _online_chunks(ep, H, gamma)]
+    assert len(s) == len(expected)
+    b = s.get(torch.arange(len(s)))
+    assert b["terminated"].tolist() == [c["terminated"] for c in expected]
+    assert b["action_mask"].sum(1).tolist() == [c["n"] for c in expected]
+    np.testing.assert_allclose(b["reward"].numpy(), [c["reward"] for c in expected], rtol=1e-5)
+    np.testing.assert_allclose(b["discount"].numpy(), [c["discount"] for c in expected], rtol=1e-6)
+    assert b["next_obs"]["state"][:, 0].tolist() == [c["next"] for c in expected]
+    assert b["obs"]["state"][:, 0].tolist() == [float(c["t"]) for c in expected]
+    first = episodes[0]
+    for i, c in enumerate(_online_chunks(first, H, gamma)):  # the episode's actions, padded past its (cut) end
+        n = c["n"]
+        np.testing.assert_array_equal(b["action"][i, :n].numpy(), first.actions[c["t"]:c["t"] + n])
+        np.testing.assert_array_equal(b["action"][i, n:].numpy(), np.repeat(first.actions[c["t"] + n - 1:c["t"] + n],
+                                                                             H - n, axis=0))
+    if terminated_from is not None:
+        assert sum(b["terminated"].tolist()) == min(H, terminated_from + 1)
+
+    # ignored: every window of the whole episode, as before
+    kept = DemoSamples(episodes, H, gamma)
+    assert len(kept) == 12 + 7
+    assert torch.equal(kept.action_mask.sum(1), torch.tensor([min(H, 12 - t) for t in range(12)] +
+                                                             [min(H, 7 - t) for t in range(7)]))
+
+
+def test_shipped_pickcube_demos_follow_the_online_mdp_with_terminations():
+    """The shipped PickCube episodes keep terminated=True for 2-8 steps after the first success; with
+    terminations used, each contributes exactly one terminal chunk per start step that reaches its first
+    success, and none after it."""
+    from flowmanip.data.maniskill_io import read_maniskill
+
+    _, episodes = read_maniskill(os.path.join(REPO, "datasets", "pickcube", "pickcube_pd_ee_delta_pos.h5"),
+                                 max_episodes=6)
+    assert all(e.terminated.sum() >= 2 for e in episodes)  # what makes the cut matter
+    H, gamma = 8, 0.9
+    s = DemoSamples(episodes, H, gamma, ignore_terminations=False)
+    firsts = [int(np.flatnonzero(e.terminated)[0]) for e in episodes]
+    assert len(s) == sum(f + 1 for f in firsts)
+    assert int(s.terminated.sum()) == sum(min(H, f + 1) for f in firsts)
+    expected = [c for ep in episodes for c in _online_chunks(ep, H, gamma)]
+    np.testing.assert_allclose(s.reward.numpy(), [c["reward"] for c in expected], rtol=1e-5)
+    assert s.terminated.tolist() == [c["terminated"] for c in expected]

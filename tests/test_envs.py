@@ -119,3 +119,172 @@ def test_a_scene_that_cannot_be_made_is_one_error():
 
     with pytest.raises(FlowmanipError, match="cannot make NoSuchTask-v1 on physx_cpu"):
         GpuVectorEnv(EnvConfig(id="NoSuchTask-v1"), 1, sim_backend="physx_cpu")
+
+
+# --- the chunk bookkeeping of GpuVectorEnv, with many envs and no GPU -------------------------------------
+# physx_cuda cannot start here, and physx_cpu refuses more than one env per scene, so a scripted stand-in for
+# ManiSkill's vector env (same interface: step, partial reset by env_idx, unwrapped.device) drives the real
+# GpuVectorEnv.step_chunk through fabricated success/fail/time-limit patterns, checked against a step-by-step
+# Python reference written like the worker env's loop (one env, stop where the episode ends).
+
+class ScriptedVectorEnv:
+    """N envs whose per-step reward, success and fail come from fixed tables; obs say which step made them."""
+
+    def __init__(self, n: int, steps: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.n = n
+        self.reward = torch.rand(steps, n, generator=g)
+        self.success = torch.rand(steps, n, generator=g) < 0.12
+        self.fail = (torch.rand(steps, n, generator=g) < 0.05) & ~self.success
+        self.k = 0  # env steps so far (all envs step together)
+        self.resets = []  # env_idx of every partial reset
+        self.unwrapped = self
+        self.device = torch.device("cpu")
+        from gymnasium.spaces import Box
+
+        self.single_action_space = Box(-1.0, 1.0, (2,))
+
+    def obs(self, marker: float) -> dict:
+        """agent/qpos [N, 2] = (marker, env index); extra/flag [N] = 1: the state is [marker, j, 1]."""
+        j = torch.arange(self.n, dtype=torch.float32)
+        return {"agent": {"qpos": torch.stack([torch.full((self.n,), marker), j], -1)},
+                "extra": {"flag": torch.ones(self.n)}}
+
+    def reset(self, seed=None, options=None):
+        if options is not None:
+            self.resets.append(options["env_idx"].tolist())
+        return self.obs(-1.0 - self.k), {}  # a fresh episode's first obs: marker -1 - (steps so far)
+
+    def step(self, action):
+        k = self.k
+        self.k += 1
+        zeros = torch.zeros(self.n, dtype=torch.bool)
+        return (self.obs(float(k)), self.reward[k], zeros, zeros,
+                {"success": self.success[k], "fail": self.fail[k]})
+
+
+def reference_chunks(table: ScriptedVectorEnv, chunks: int, h: int, gamma: float, horizon: int,
+                     ignore_terminations: bool, t0: list[int]) -> list[dict]:
+    """What every chunk must report, computed env by env and step by step in plain Python (episode clocks
+    start at ``t0``)."""
+    n = table.n
+    t, ret, once = list(t0), [0.0] * n, [False] * n
+    out = []
+    for c in range(chunks):
+        res = {"reward": [], "discount": [], "steps": [], "terminated": [], "truncated": [], "success": [],
+               "step_reward": [], "final": [], "next": [], "episodes": [], "reset": []}
+        for j in range(n):
+            reward, discount, steps, term, trunc = 0.0, 1.0, 0, False, False
+            succ, rews, last = [False] * h, [0.0] * h, None
+            for i in range(h):
+                k = c * h + i
+                r, s = float(table.reward[k, j]), bool(table.success[k, j])
+                t[j] += 1
+                steps += 1
+                reward += discount * r
+                discount *= gamma
+                ret[j] += r
+                once[j] |= s
+                succ[i], rews[i], last = s, r, k
+                term = (s or bool(table.fail[k, j])) and not ignore_terminations
+                trunc = t[j] >= horizon
+                if term or trunc:
+                    break
+            for key, value in (("reward", reward), ("discount", discount), ("steps", steps), ("terminated", term),
+                               ("truncated", trunc), ("success", succ), ("step_reward", rews)):
+                res[key].append(value)
+            res["final"].append([float(last), j, 1.0])
+            if term or trunc:
+                res["episodes"].append({"return": ret[j], "length": t[j], "success_once": once[j],
+                                        "success_at_end": succ[steps - 1]})
+                res["reset"].append(j)
+                res["next"].append([-1.0 - (c + 1) * h, j, 1.0])  # reset after the chunk's h env steps
+                t[j], ret[j], once[j] = 0, 0.0, False
+            else:
+                res["next"].append([float(last), j, 1.0])
+        out.append(res)
+    return out
+
+
+@pytest.mark.parametrize("ignore_terminations", [False, True])
+def test_gpu_vector_env_chunks_of_many_envs_match_a_step_by_step_reference(ignore_terminations):
+    from flowmanip.envs.vector import EpisodeStats, GpuVectorEnv
+
+    n, h, chunks, horizon, gamma = 10, 4, 12, 11, 0.9  # the time limit falls inside chunks, at varying steps
+    table = ScriptedVectorEnv(n, chunks * h, seed=3)
+    env = GpuVectorEnv.__new__(GpuVectorEnv)
+    env._setup(table, n, horizon)
+    first = env.reset()
+    assert first["state"].tolist() == [[-1.0, j, 1.0] for j in range(n)]
+    # episodes under way at different points, so that time limits fall on different steps too
+    t0 = [(3 * j) % horizon for j in range(n)]
+    env.stats = EpisodeStats(torch.tensor(t0), torch.zeros(n), torch.zeros(n, dtype=torch.bool))
+    expected = reference_chunks(table, chunks, h, gamma, horizon, ignore_terminations, t0)
+    mixed = 0
+    for c, ref in enumerate(expected):
+        resets_before = len(table.resets)
+        got = env.step_chunk(torch.zeros(n, h, 2), gamma=gamma, ignore_terminations=ignore_terminations)
+        assert got.steps.tolist() == ref["steps"], c
+        assert got.terminated.tolist() == ref["terminated"], c
+        assert got.truncated.tolist() == ref["truncated"], c
+        assert got.success.tolist() == ref["success"], c
+        torch.testing.assert_close(got.step_reward, torch.tensor(ref["step_reward"]))
+        torch.testing.assert_close(got.reward, torch.tensor(ref["reward"]))
+        torch.testing.assert_close(got.discount, torch.tensor(ref["discount"]))
+        assert got.final_obs["state"].tolist() == ref["final"], c
+        assert got.next_obs["state"].tolist() == ref["next"], c
+        assert table.resets[resets_before:] == ([ref["reset"]] if ref["reset"] else []), c
+        assert len(got.episodes) == len(ref["episodes"])
+        for a, b in zip(got.episodes, ref["episodes"]):
+            assert a["return"] == pytest.approx(b["return"], abs=1e-5)
+            assert (a["length"], a["success_once"], a["success_at_end"]) == (
+                b["length"], b["success_once"], b["success_at_end"])
+        mixed += 0 < len(ref["reset"]) < n and min(ref["steps"]) < h
+    # the patterns did what the test is for: chunks where some envs ended early and others ran on
+    assert mixed >= chunks // 2, mixed
+    if ignore_terminations:
+        assert not any(any(r["terminated"]) for r in expected)
+    else:
+        assert any(any(r["terminated"]) for r in expected) and any(any(r["truncated"]) for r in expected)
+
+
+def test_chunk_bookkeeping_without_auto_reset_counts_every_step():
+    """Evaluation (auto_reset=False): nothing ends inside a chunk, whatever the envs report; the functions are pure."""
+    from flowmanip.envs.vector import EpisodeStats, finish_chunk, start_chunk, tally_step
+
+    n, h = 8, 5
+    g = torch.Generator().manual_seed(0)
+    rewards, terms = torch.rand(h, n, generator=g), torch.rand(h, n, generator=g) < 0.5
+    stats = EpisodeStats(torch.full((n,), 7), torch.zeros(n), torch.zeros(n, dtype=torch.bool))
+    tally = start_chunk(stats)
+    for i in range(h):
+        before = tally
+        tally, counted, r, _ = tally_step(tally, rewards[i], terms[i], terms[i], gamma=0.5, horizon=8,
+                                          auto_reset=False)
+        assert counted.all() and torch.equal(r, rewards[i])
+        assert before.steps.tolist() == [i] * n  # the input tally is not modified
+    assert tally.steps.tolist() == [h] * n and tally.stats.t.tolist() == [7 + h] * n
+    assert not tally.terminated.any() and not tally.truncated.any()
+    torch.testing.assert_close(tally.reward, (rewards * 0.5 ** torch.arange(h)[:, None]).sum(0))
+    done, episodes, nxt = finish_chunk(tally, auto_reset=False)
+    assert not done.any() and episodes == [] and nxt.t.tolist() == [7 + h] * n
+
+
+def test_rgb_obs_of_the_gpu_env_skip_cameras_without_rgb_like_the_cpu_path():
+    from flowmanip.data.maniskill_io import flatten_obs_tree
+    from flowmanip.envs.vector import GpuVectorEnv
+
+    g = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 255, (3, 8, 8, 3), dtype=torch.uint8, generator=g)
+    raw = {"agent": {"qvel": torch.randn(3, 2, generator=g), "qpos": torch.randn(3, 4, generator=g)},
+           "extra": {"is_grasped": torch.tensor([True, False, True]), "tcp_pose": torch.randn(3, 7, generator=g)},
+           "sensor_param": {"base_camera": {"intrinsic_cv": torch.randn(3, 3, 3, generator=g)}},
+           "sensor_data": {"base_camera": {"rgb": rgb}, "depth_only": {"depth": torch.rand(3, 8, 8, 1, generator=g)}}}
+    got = GpuVectorEnv.__new__(GpuVectorEnv)._obs(raw)
+    expected = flatten_obs_tree({k: ({kk: {kkk: vvv.numpy() for kkk, vvv in vv.items()} for kk, vv in v.items()}
+                                     if k == "sensor_data" else {kk: vv.numpy() for kk, vv in v.items()})
+                                 for k, v in raw.items() if k != "sensor_param"})
+    assert set(got) == set(expected) == {"state", "rgb"}
+    np.testing.assert_array_equal(got["state"].numpy(), expected["state"])
+    np.testing.assert_array_equal(got["rgb"].numpy(), expected["rgb"])
+    assert got["rgb"].dtype == torch.uint8

@@ -14,7 +14,7 @@ import torch
 
 from conftest import REPO, run_cli
 from flowmanip.train.checkpoint import load_checkpoint
-from flowmanip.train.pretrain import policy_from_checkpoint
+from flowmanip.train.stages import policy_from_checkpoint
 
 
 def _pretrained(velocity, demo_dir, tmp_path_factory):
@@ -37,6 +37,19 @@ def decoded_ckpt(demo_dir, tmp_path_factory):
     return _pretrained("decoded", demo_dir, tmp_path_factory)
 
 
+@pytest.fixture(scope="module")
+def finetune_ckpt(state_ckpt, demo_dir, tmp_path_factory):
+    """A tiny fine-tune of the Flow-G state policy: 240 env steps on one env, some 50 SAC Flow updates."""
+    out = tmp_path_factory.mktemp("export_finetune")
+    run_cli("finetune", "recipes/pickcube.yaml", f"data.path={demo_dir / 'pick_ee.h5'}", f"out_dir={out}",
+            f"finetune.init={state_ckpt / 'checkpoints' / 'last'}", "policy.velocity=gated",
+            "policy.hidden_dim=64", "policy.encoder_dim=64", "policy.decoder_dim=32", "env.num_envs=1",
+            "env.num_eval_envs=1", "finetune.total_env_steps=240", "finetune.learning_starts=80",
+            "finetune.critic_warmup=0", "finetune.batch_size=32", "finetune.utd=2", "finetune.q_hidden_dim=64",
+            "finetune.eval_every=0", "finetune.log_every=240", "finetune.save_every=240", "logging.tensorboard=false")
+    return out / "finetune"
+
+
 TORCH_ONLY = r"""
 import sys, json, torch
 extra = {"meta.json": ""}
@@ -50,12 +63,13 @@ print(meta.decode() if isinstance(meta, bytes) else meta)  # torch returns bytes
 """
 
 
-@pytest.mark.parametrize("which", ["state_ckpt", "decoded_ckpt"])
+@pytest.mark.parametrize("which", ["state_ckpt", "decoded_ckpt", "finetune_ckpt"])
 def test_torchscript_parity_in_a_torch_only_process(which, request, tmp_path):
     state_ckpt = request.getfixturevalue(which)
     path = tmp_path / "policy.pt"
     run_cli("export", state_ckpt, "--format", "torchscript", "-o", path)
-    policy = policy_from_checkpoint(load_checkpoint(str(state_ckpt)))
+    ckpt = load_checkpoint(str(state_ckpt))
+    policy = policy_from_checkpoint(ckpt)
     obs = torch.randn(16, 42) * 2
     torch.save(obs, tmp_path / "obs.pt")
     script = tmp_path / "load.py"
@@ -67,12 +81,18 @@ def test_torchscript_parity_in_a_torch_only_process(which, request, tmp_path):
     for key in ("env_id", "control_mode", "obs_dim", "action_dim", "action_low", "action_high", "K", "H",
                 "flowmanip_version", "checkpoint_step"):
         assert key in meta, key
-    assert meta["obs_dim"] == 42 and meta["K"] == 4 and meta["H"] == 8 and meta["checkpoint_step"] == 200
+    assert meta["obs_dim"] == 42 and meta["K"] == 4 and meta["H"] == 8
+    assert meta["checkpoint_step"] == ckpt["meta"]["step"] == (240 if which == "finetune_ckpt" else 200)
+    assert meta["stage"] == ("finetune" if which == "finetune_ckpt" else "pretrain")
     with torch.no_grad():
         expected = policy.act({"state": obs})
     got = torch.load(tmp_path / "out.pt")
     assert got.shape == (16, 8, 4)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    if which == "finetune_ckpt":  # the fine-tuned weights, not those it started from
+        init = policy_from_checkpoint(load_checkpoint(str(request.getfixturevalue("state_ckpt"))))
+        with torch.no_grad():
+            assert not torch.allclose(init.act({"state": obs}), got, atol=1e-4)
 
 
 def test_exported_module_rejects_bad_input(state_ckpt, tmp_path):
@@ -101,19 +121,68 @@ def test_export_format_follows_the_file_name(state_ckpt, tmp_path):
     assert not (tmp_path / "p.onnx").exists() and not (tmp_path / "p.pt").exists()
 
 
+STOCHASTIC_STREAM = r"""
+import sys, torch
+policy = torch.jit.load(sys.argv[1])
+obs = torch.zeros(4, 42)
+with torch.no_grad():
+    stream = [policy(obs)]
+    torch.manual_seed(int(sys.argv[4]))  # the global RNG is not the module's: seeding it changes nothing
+    torch.randn(100)
+    stream += [policy(obs), policy(obs)]
+    torch.save(torch.stack(stream), sys.argv[2])
+    policy.reseed(int(sys.argv[3]))  # restarts the stream
+    stream.append(policy(obs))
+    policy.reseed(int(sys.argv[3]))
+    stream.append(policy(obs))
+    torch.jit.save(policy, sys.argv[2] + ".mid.pt")  # saved one call in: a reload continues from there
+    stream.append(torch.jit.load(sys.argv[2] + ".mid.pt")(obs))
+torch.save(torch.stack(stream), sys.argv[2])
+assert "flowmanip" not in sys.modules
+"""
+
+
 def test_stochastic_export_is_seeded(state_ckpt, tmp_path):
+    """``--stochastic --seed S``: the module seeds its own noise, so two fresh torch-only processes that load the
+    file (and never call torch.manual_seed before it) get the same action stream; another seed another one."""
     path = tmp_path / "policy.pt"
     run_cli("export", state_ckpt, "--stochastic", "--seed", 3, "-o", path)
+    other = tmp_path / "other.pt"
+    run_cli("export", state_ckpt, "--stochastic", "--seed", 4, "-o", other)
     extra = {"meta.json": ""}
-    policy = torch.jit.load(str(path), _extra_files=extra)
+    torch.jit.load(str(path), _extra_files=extra)
     meta = json.loads(extra["meta.json"])
     assert meta["stochastic"] and meta["seed"] == 3
-    obs = torch.zeros(4, 42)
-    torch.manual_seed(meta["seed"])
-    a = policy(obs)
-    torch.manual_seed(meta["seed"])
-    torch.testing.assert_close(policy(obs), a)
-    assert not torch.allclose(policy(obs), a)
+    script = tmp_path / "stream.py"
+    script.write_text(STOCHASTIC_STREAM)
+
+    def stream(policy_file, out, reseed, global_seed):
+        proc = subprocess.run([sys.executable, str(script), str(policy_file), str(tmp_path / out), str(reseed),
+                               str(global_seed)], capture_output=True, text=True, cwd=tmp_path)
+        return proc, torch.load(tmp_path / out)
+
+    (pa, a), (pb, b) = stream(path, "a.pt", 3, 1234), stream(path, "b.pt", 3, 99)
+    pc, c = stream(other, "c.pt", 4, 1234)
+    torch.testing.assert_close(a[:3], b[:3], rtol=0, atol=0)  # same file, same stream in two fresh processes
+    assert not torch.allclose(c[0], a[0])  # another seed, another stream
+    for proc in (pa, pb, pc):
+        assert proc.returncode == 0, proc.stderr
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a[0], a[1]) and not torch.allclose(a[1], a[2])  # noise, call after call
+    assert not torch.allclose(a[0, 0], a[0, 1])  # and across the batch
+    torch.testing.assert_close(a[3], a[0], rtol=0, atol=0)  # reseed(3) restarts the seed-3 stream
+    torch.testing.assert_close(a[5], a[1], rtol=0, atol=0)  # a module saved mid-stream continues it
+    torch.testing.assert_close(c[3], c[0], rtol=0, atol=0)
+    deterministic = policy_from_checkpoint(load_checkpoint(str(state_ckpt))).act({"state": torch.zeros(4, 42)})
+    assert not torch.allclose(a[0], deterministic)
+
+
+def test_onnx_refuses_a_stochastic_export(state_ckpt, tmp_path):
+    from test_data import _assert_user_error
+
+    _assert_user_error(run_cli("export", state_ckpt, "--stochastic", "-o", tmp_path / "p.onnx", check=False),
+                       "--stochastic", "*.pt")
+    assert not (tmp_path / "p.onnx").exists()
 
 
 def test_onnx_export_matches_onnxruntime(state_ckpt, tmp_path):
@@ -146,23 +215,38 @@ def test_cpp_example_loads_the_policy(state_ckpt, tmp_path):
     np.testing.assert_allclose(values, expected.tolist(), atol=1e-5)
 
 
-def test_exported_policy_in_closed_loop_matches_eval(state_ckpt, tmp_path):
+@pytest.mark.parametrize("which", ["state_ckpt", "finetune_ckpt"])
+def test_exported_policy_in_closed_loop_matches_the_policy_step_by_step(which, request, tmp_path):
+    """Along a real rollout driven by the exported module, the checkpoint's Policy gives the same action chunk
+    at every decision (the observations the robot actually meets, not random ones); `flowmanip eval` runs
+    the checkpoint."""
     from flowmanip.envs import make_vector_env
     from flowmanip.train.evaluate import evaluate_policy
 
+    ckpt_dir = request.getfixturevalue(which)
     path = tmp_path / "policy.pt"
-    run_cli("export", state_ckpt, "-o", path)
+    run_cli("export", ckpt_dir, "-o", path)
     exported = torch.jit.load(str(path))
-    ckpt = load_checkpoint(str(state_ckpt))
+    ckpt = load_checkpoint(str(ckpt_dir))
+    policy = policy_from_checkpoint(ckpt)
     recipe = ckpt["recipe"]
-    via_eval = json.loads(run_cli("eval", state_ckpt, "--episodes", 2, "--json").stdout.strip().splitlines()[-1])
-    env = make_vector_env(recipe.env, 2, "cpu")
+    seen, gaps = [], []
+
+    def act(obs):
+        chunk = exported(obs["state"])
+        gaps.append((chunk - policy.act(obs)).abs().max().item())
+        seen.append(obs["state"].clone())
+        return chunk
+
+    env = make_vector_env(recipe.env, 1, "cpu")
     try:
         with torch.no_grad():
-            result = evaluate_policy(lambda obs: exported(obs["state"]), env, 2, recipe.env.max_episode_steps,
-                                     recipe.policy.chunk, seed=0)
+            result = evaluate_policy(act, env, 1, recipe.env.max_episode_steps, recipe.policy.chunk, seed=0)
     finally:
         env.close()
-    assert result["success_once"] == via_eval["success_once"]
-    assert result["success_at_end"] == via_eval["success_at_end"]
-    assert result["return_mean"] == pytest.approx(via_eval["return_mean"], abs=1e-3)
+    assert len(gaps) == -(-recipe.env.max_episode_steps // recipe.policy.chunk)  # one per decision, all episode
+    assert max(gaps) < 1e-5, gaps
+    assert all(not torch.allclose(a, b) for a, b in zip(seen, seen[1:]))  # the robot moved between decisions
+    via_eval = json.loads(run_cli("eval", ckpt_dir, "--episodes", 1, "--json").stdout.strip().splitlines()[-1])
+    assert via_eval["step"] == ckpt["meta"]["step"] and via_eval["episodes"] == 1
+    assert via_eval["return_mean"] == pytest.approx(result["return_mean"], abs=1e-3)  # same policy, same seed

@@ -62,40 +62,133 @@ def test_k1_log_prob_matches_an_independent_formula(init_std):
     torch.testing.assert_close(log_prob, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_path_density_integrates_to_one():
-    """K=1, d=1: exp(log pi) over (A_0, a = tanh(A_1)) integrates to 1, so no Gaussian term is missing."""
+def log_prob_of_path(act, z, path, monkeypatch):
+    """``FlowActor.sample()``'s log-likelihood of a chosen path ``[A_0, ..., A_K]`` (each ``[B, d]``).
+
+    sample() draws its noise with ``torch.randn``; here that returns the noise which makes the rollout pass
+    through ``path`` (``A_0 / init_std``, then ``(A_{k+1} - A_k - dt v_k) / sigma``), so the density comes
+    from sample()'s own code and a term missing there is missing here."""
+    dt = 1.0 / act.flow_steps
+    with torch.no_grad():
+        noise = [path[0] / act.init_std if act.init_std > 0 else torch.zeros_like(path[0])]
+        sigma = act.log_sigma(z).exp()
+        for k in range(act.flow_steps):
+            t = torch.full((z.shape[0],), k * dt)
+            noise.append((path[k + 1] - path[k] - dt * act.velocity(path[k], t, z)) / sigma)
+    queue = iter(noise)
+
+    def scripted_randn(*shape, **kwargs):
+        x = next(queue)
+        assert tuple(x.shape) == tuple(shape)
+        return x.clone()
+
+    with monkeypatch.context() as m, torch.no_grad():
+        m.setattr(torch, "randn", scripted_randn)
+        action, log_prob, _ = act.sample(z)
+    assert next(queue, None) is None  # sample() drew exactly A_0's noise and one per flow step
+    torch.testing.assert_close(action, torch.tanh(path[-1]), atol=1e-5, rtol=1e-4)  # it took the path asked for
+    return log_prob
+
+
+def marginal_density(act, z, a, grid, monkeypatch, rows=64):
+    """p(a) for a 1-D action: exp(sample()'s path log-likelihood) integrated numerically over the one random
+    state before the last (``A_0`` when K=1 and init_std > 0, ``A_1`` when K=2 and ``A_0 = 0``), ``grid`` its
+    values. Returns ``[len(a)]``."""
+    assert act.dim == 1 and (act.flow_steps, act.init_std > 0) in ((1, True), (2, False))
+    u = torch.atanh(a)
+    dens = []
+    for start in range(0, len(grid), rows):  # a block of grid rows at a time keeps the batches small
+        g = grid[start:start + rows]
+        G, U = torch.meshgrid(g, u, indexing="ij")
+        B = G.numel()
+        if act.flow_steps == 1:
+            path = [G.reshape(B, 1), U.reshape(B, 1)]
+        else:
+            path = [torch.zeros(B, 1), G.reshape(B, 1), U.reshape(B, 1)]
+        dens.append(log_prob_of_path(act, z.expand(B, -1), path, monkeypatch).reshape(G.shape).double().exp())
+    return torch.trapezoid(torch.cat(dens), grid.double(), dim=0)
+
+
+def check_action_frequencies(act, z, monkeypatch, grid, n=200000, bins=40):
+    """Sampled actions fall in each bin of [-1, 1] as often as the density says (from sample()'s log_prob)."""
+    with torch.no_grad():
+        action, _, _ = act.sample(z.expand(n, -1), generator=torch.Generator().manual_seed(1))
+    edges = torch.linspace(-1, 1, bins + 1)
+    freq = torch.histc(action.squeeze(-1), bins, -1, 1).double() / n
+    fine = 20  # points per bin to integrate the density over it
+    a = torch.linspace(-1, 1, bins * fine + 1)[1:-1]  # atanh needs the open interval
+    dens = marginal_density(act, z, a, grid, monkeypatch)
+    a, dens = torch.cat([edges[:1], a, edges[-1:]]).double(), torch.cat([dens.new_zeros(1), dens, dens.new_zeros(1)])
+    prob = torch.stack([torch.trapezoid(dens[i * fine:(i + 1) * fine + 1], a[i * fine:(i + 1) * fine + 1])
+                        for i in range(bins)])
+    assert prob.sum().item() == pytest.approx(1.0, abs=0.01)
+    z_scores = (freq - prob) / (prob / n).sqrt().clamp(min=1e-4)
+    assert z_scores.abs().max().item() < 5, (freq, prob)
+
+
+def test_monte_carlo_log_prob_matches_sample_frequencies(monkeypatch):
+    """K=1, init_std > 0, a 1-D action: sample()'s path log-likelihood, integrated over A_0 numerically, is the
+    density of the actions sample() draws (checked bin by bin against 200k samples)."""
+    torch.manual_seed(0)
+    act = actor(K=1, A=1, sigma=0.4, init_std=0.7)
+    z = torch.randn(1, 6)
+    check_action_frequencies(act, z, monkeypatch, torch.linspace(-0.7 * 7, 0.7 * 7, 281))
+
+
+def test_path_density_integrates_to_one(monkeypatch):
+    """K=1, d=1: exp(sample()'s log_prob) over (A_0, a = tanh(A_1)) integrates to 1, so no Gaussian term is missing."""
     torch.manual_seed(0)
     act = actor(K=1, A=1, sigma=0.5)
     z = torch.randn(1, 6)
-    a0 = torch.linspace(-7, 7, 701)
     a = torch.linspace(-0.999999, 0.999999, 4001)
-    A0, Act = torch.meshgrid(a0, a, indexing="ij")
-    u = torch.atanh(Act)
-    mean = A0 + act.velocity(A0.reshape(-1, 1), torch.zeros(A0.numel()), z.expand(A0.numel(), 6)).reshape(A0.shape)
-    # same terms as FlowActor.sample, evaluated on a grid instead of on samples
-    from flowmanip.models.flow_policy import gaussian_log_prob, tanh_log_det
-
-    lp = (gaussian_log_prob(A0[..., None], torch.zeros(1), torch.zeros(1))
-          + gaussian_log_prob(u[..., None], mean[..., None], torch.full((1,), math.log(0.5)))
-          - tanh_log_det(u[..., None]))
-    total = torch.trapezoid(torch.trapezoid(lp.exp(), a, dim=1), a0)
+    total = torch.trapezoid(marginal_density(act, z, a, torch.linspace(-7, 7, 701), monkeypatch), a.double())
     assert total.item() == pytest.approx(1.0, abs=0.02)
 
 
-def test_monte_carlo_log_prob_matches_sample_frequencies():
-    """With a zero velocity, A_K = A_0 + sum of K noises ~ N(0, 1 + K sigma^2); the K-step chain's path density
-    must give that marginal when the intermediate states are integrated out by Monte Carlo."""
+def test_learned_sigma_k2_log_likelihood_matches_a_brute_force_density(monkeypatch):
+    """K=2, A_0 = 0, state-dependent learned sigma, a 1-D action. The path log-likelihood of sample() equals the
+    product of the two Gaussian steps and the tanh Jacobian written out with torch.distributions; integrated over
+    the intermediate state A_1 it equals a brute-force marginal density p(a); and that density is the
+    frequency of the actions sample() draws."""
     torch.manual_seed(0)
-    K, sigma = 3, 0.5
-    act = actor(K=K, A=1, sigma=sigma)
-    for p in act.velocity.parameters():
-        torch.nn.init.zeros_(p)
-    n = 200000
-    action, _, _ = act.sample(torch.zeros(n, 6))
-    u = torch.atanh(action.clamp(-0.999999, 0.999999)).squeeze(-1)
-    var = 1 + K * sigma ** 2
-    assert u.var().item() == pytest.approx(var, rel=0.02)
-    assert u.mean().item() == pytest.approx(0.0, abs=0.01)
+    act = actor(K=2, A=1, sigma=0.3, init_std=0.0, sigma_mode="learned", log_sigma_min=-4.0, log_sigma_max=1.0)
+    with torch.no_grad():
+        act.sigma_head.weight.normal_(0, 0.3)  # sigma depends on the state
+    z = torch.randn(3, 6)
+    sig = act.log_sigma(z).exp().detach().squeeze(-1)
+    assert (sig - 0.3).abs().max() > 0.05 and (sig.max() - sig.min()) > 0.05, sig
+
+    def brute_force(zi, a, grid):
+        """p(a | z) = int N(A_1; dt v(0, 0), s^2) N(atanh a; A_1 + dt v(A_1, 1/2), s^2) dA_1 / (1 - a^2)."""
+        with torch.no_grad():
+            s = act.log_sigma(zi).exp()[0, 0]
+            m1 = 0.5 * act.velocity(torch.zeros(1, 1), torch.zeros(1), zi)[0, 0]
+            G = grid[:, None]
+            m2 = G + 0.5 * act.velocity(G, torch.full((len(grid),), 0.5), zi.expand(len(grid), -1))
+            u = torch.atanh(a)[None, :]
+            dens = (Normal(m1, s).log_prob(G) + Normal(m2, s).log_prob(u)).exp() / (1 - a[None, :] ** 2)
+        return torch.trapezoid(dens.double(), grid.double(), dim=0)
+
+    # pointwise, on sampled paths
+    with torch.no_grad():
+        action, log_prob, states = act.sample(z.repeat(100, 1), keep_states=True)
+        zz = z.repeat(100, 1)
+        s = act.log_sigma(zz).exp()
+        m1 = states[0] + 0.5 * act.velocity(states[0], torch.zeros(300), zz)
+        m2 = states[1] + 0.5 * act.velocity(states[1], torch.full((300,), 0.5), zz)
+        u = torch.atanh(action.clamp(-1 + 1e-6, 1 - 1e-6))
+        expected = (Normal(m1, s).log_prob(states[1]) + Normal(m2, s).log_prob(u)
+                    - torch.log(1 - action ** 2 + 1e-6)).sum(-1)
+    assert torch.equal(states[0], torch.zeros_like(states[0]))
+    torch.testing.assert_close(log_prob, expected, atol=2e-3, rtol=1e-4)
+
+    # marginally, over A_1
+    grid = torch.linspace(-4, 4, 801)
+    a = torch.linspace(-0.99, 0.99, 199)
+    for i in range(3):
+        torch.testing.assert_close(marginal_density(act, z[i:i + 1], a, grid, monkeypatch), brute_force(z[i:i + 1], a, grid),
+                                   rtol=1e-3, atol=1e-6)
+    check_action_frequencies(act, z[:1], monkeypatch, grid)
 
 
 FIELDS = [("mlp", "single"), ("gated", "single"), ("decoded", "single"), ("decoded", "chunk")]
@@ -204,7 +297,7 @@ def test_flow_t_checkpoints_from_older_versions_load_with_their_shapes(tmp_path,
     from flowmanip.config import Recipe, to_dict
     from flowmanip.errors import FlowmanipError
     from flowmanip.train.checkpoint import convert_checkpoint, load_checkpoint
-    from flowmanip.train.pretrain import policy_from_checkpoint
+    from flowmanip.train.stages import policy_from_checkpoint
 
     recipe = Recipe()
     recipe.policy.velocity, recipe.policy.chunk, recipe.policy.decoder_dim = "decoded", 3, 16
@@ -225,3 +318,64 @@ def test_flow_t_checkpoints_from_older_versions_load_with_their_shapes(tmp_path,
     loaded = policy_from_checkpoint(ckpt)
     obs = {"state": torch.randn(4, 5)}
     torch.testing.assert_close(loaded.act(obs, deterministic=True), old.eval().act(obs, deterministic=True))
+
+
+@pytest.mark.parametrize("kind", ["flow", "gaussian", "action_mse"])
+def test_behaviour_cloning_losses_ignore_masked_dimensions(kind):
+    """A chunk that runs past its episode's end is padded; with the per-dimension mask the padded dimensions
+    get no loss (zero gradient on the network's outputs there: the velocity, or the Gaussian's mean and
+    log-std; for action_mse the padded targets do not matter), an all-true mask is no mask, and the loss
+    averages over the real dimensions."""
+    from flowmanip.algos.flow_matching import action_dim_mask, bc_loss
+    from flowmanip.models.gaussian import GaussianActor
+
+    torch.manual_seed(0)
+    H, A, B = 4, 2, 16
+    cfg = act_cfg(K=2, H=H)
+    act = GaussianActor(6, A, cfg) if kind == "gaussian" else FlowActor(6, A, cfg)
+    z = torch.randn(B, 6)
+    action = torch.rand(B, H * A) * 1.8 - 0.9
+    steps = torch.arange(B) % H + 1  # real steps per chunk: 1..H
+    mask = action_dim_mask(torch.arange(H)[None, :] < steps[:, None], A)
+    assert mask.shape == (B, H * A) and mask.reshape(B, H, A)[:, :, 0].sum(1).tolist() == steps.tolist()
+    assert mask.reshape(B, H, A).all(-1).eq(mask.reshape(B, H, A).any(-1)).all()  # step-major, all A dims alike
+
+    class Spy(torch.nn.Module):  # keeps the gradient of the loss w.r.t. the wrapped network's output
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.out = inner, None
+
+        def forward(self, *args):
+            self.out = self.inner(*args)
+            self.out.retain_grad()
+            return self.out
+
+    def loss(a, m, backward=False):
+        torch.manual_seed(1)  # the same x_0, t (or rollout noise) for every call
+        value = bc_loss(act, z, a, "action_mse" if kind == "action_mse" else "flow_matching", m)
+        if backward:
+            value.backward()
+        return value.detach()
+
+    torch.testing.assert_close(loss(action, torch.ones_like(mask)), loss(action, None))
+    if kind == "action_mse":
+        padded = torch.where(mask, action, -action)
+        torch.testing.assert_close(loss(padded, mask), loss(action, mask))
+        assert not torch.allclose(loss(padded, None), loss(action, None))
+        return
+    if kind == "flow":
+        act.velocity = Spy(act.velocity)
+        spy = act.velocity
+    else:
+        act.net = Spy(act.net)
+        spy = act.net
+    full = loss(action, None, backward=True)
+    g_full = spy.out.grad.clone()
+    masked = loss(action, mask, backward=True)
+    g = spy.out.grad
+    keep = mask if kind == "flow" else torch.cat([mask, mask], dim=-1)  # the Gaussian's output is [mean, log_std]
+    assert torch.all(g[~keep] == 0) and torch.all(g[keep] != 0)
+    assert torch.all(g_full != 0)
+    # a mean over the real dimensions: each kept entry weighs numel / mask.sum() times more than without the mask
+    torch.testing.assert_close(g[keep], g_full[keep] * mask.numel() / mask.sum())
+    assert not torch.allclose(masked, full)

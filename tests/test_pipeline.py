@@ -249,3 +249,38 @@ def test_finetune_resume_without_buffer_collects_before_updating(demo_dir, tmp_p
     waiting = [u for step, u in resumed if step < start + 320]
     assert len(waiting) >= 2 and all(u == done for u in waiting)  # fewer than learning_starts new steps: no update
     assert resumed[-1][0] >= 1280 and resumed[-1][1] > done  # and it learns again once they are collected
+
+
+def test_pretraining_gets_no_loss_on_the_padding_past_an_episode_end(tmp_path, monkeypatch):
+    """In-process, a few pretraining steps on 3 shipped demos: every flow-matching loss the loop computes gets
+    the per-dimension action mask, whose false entries are exactly the chunk steps past an episode's end (the
+    padding that repeats the last action), so BC does not learn to hold the last action."""
+    from flowmanip.models.flow_policy import FlowActor
+    from flowmanip.train.pretrain import run_pretrain
+
+    calls = []
+    original = FlowActor.flow_matching_loss
+
+    def spy(self, z, action, mask=None):
+        calls.append((action.detach().clone(), None if mask is None else mask.detach().clone()))
+        return original(self, z, action) if mask is None else original(self, z, action, mask)
+
+    monkeypatch.setattr(FlowActor, "flow_matching_loss", spy)
+    run_pretrain("recipes/pickcube.yaml", [
+        "data.max_episodes=3", f"out_dir={tmp_path}", "pretrain.steps=3", "pretrain.log_every=1",
+        "pretrain.eval_every=0", "pretrain.save_every=3", "policy.hidden_dim=32", "env.num_eval_envs=1",
+        "logging.tensorboard=false"])
+    assert len(calls) == 3
+    padded_rows = 0
+    for action, mask in calls:
+        assert mask is not None and mask.shape == action.shape == (256, 8 * 4)
+        steps = mask.reshape(256, 8, 4)
+        assert steps.all(-1).eq(steps.any(-1)).all()  # whole chunk steps, all 4 action dims alike
+        real = steps[:, :, 0]
+        n = real.sum(1)
+        assert n.min() >= 1 and torch.equal(real, torch.arange(8)[None, :] < n[:, None])  # a prefix of the chunk
+        chunks = action.reshape(256, 8, 4)
+        for i in (n < 8).nonzero().flatten().tolist():  # the masked steps are the padding: the last real action
+            assert torch.equal(chunks[i, n[i]:], chunks[i, n[i] - 1].expand(8 - int(n[i]), 4))
+        padded_rows += int((n < 8).sum())
+    assert padded_rows > 0  # 21 of the ~230 windows of 3 episodes run past the end

@@ -3,9 +3,15 @@
 A sample at step t of an episode of length T holds the H actions ``a[t : t+H]`` (padded
 with the last action past the end, where ``action_mask`` is False), the chunk reward
 ``sum_{i<n} gamma^i r_{t+i}`` over the ``n = min(H, T-t)`` real steps, ``discount =
-gamma^n``, ``terminated`` if the episode terminated inside the chunk, and the obs at
-``t + n``. Observations are stored once per episode step and indexed, so image datasets
-are not copied H times.
+gamma^n``, ``terminated``, and the obs at ``t + n``. Observations are stored once per
+episode step and indexed, so image datasets are not copied H times.
+
+Terminations follow the online MDP (``finetune.ignore_terminations``). Ignored (the
+default), every episode runs to its last step and ``terminated`` is only informative (set
+when a terminated step lies inside the chunk; targets bootstrap anyway). Used, an episode
+ends at its first terminated step, as an online episode does (the env resets there): the
+episode is cut after that step T' (recorded demos keep ``terminated`` for a few steps after
+the first success), ``n = min(H, T'-t)``, and only the chunks that reach step T' are terminal.
 """
 
 from __future__ import annotations
@@ -46,9 +52,12 @@ def normalization_stats(episodes, env_low, env_high, margin: float = 0.05) -> di
 
 
 class DemoSamples:
-    """All windows of a list of episodes, as CPU tensors; ``sample(batch)`` draws uniformly."""
+    """All windows of a list of episodes, as CPU tensors; ``sample(batch)`` draws uniformly.
 
-    def __init__(self, episodes, chunk: int, gamma: float = 0.99):
+    ``ignore_terminations=False`` cuts each episode at its first terminated step (module docstring).
+    """
+
+    def __init__(self, episodes, chunk: int, gamma: float = 0.99, ignore_terminations: bool = True):
         if not episodes:
             raise FlowmanipError("no episodes to train on")
         obs_keys = list(episodes[0].obs.keys())
@@ -57,16 +66,20 @@ class DemoSamples:
         offset = 0
         for ep in episodes:
             T = ep.length
+            ends = np.flatnonzero(ep.terminated) if not ignore_terminations else []
+            if len(ends):  # the episode ends at its first termination: later steps are not in the MDP
+                T = int(ends[0]) + 1
             for k in obs_keys:
-                obs_parts[k].append(ep.obs[k])
+                obs_parts[k].append(ep.obs[k][:T + 1])
             r = ep.rewards if ep.rewards is not None else np.zeros(T, np.float32)
-            padded = np.concatenate([ep.actions, np.repeat(ep.actions[-1:], chunk - 1, axis=0)])
+            padded = np.concatenate([ep.actions[:T], np.repeat(ep.actions[T - 1:T], chunk - 1, axis=0)])
             for t in range(T):
                 n = min(chunk, T - t)
                 actions.append(padded[t:t + chunk])
                 masks.append(np.arange(chunk) < n)
                 rewards.append(float(np.sum(r[t:t + n] * gamma ** np.arange(n))))
                 discounts.append(gamma ** n)
+                # with terminations used, steps [t, t + n) hold a terminated step only if t + n == T
                 terminated.append(bool(ep.terminated[t:t + n].any()))
                 idx_obs.append(offset + t)
                 idx_next.append(offset + t + n)

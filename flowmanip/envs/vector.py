@@ -33,6 +33,90 @@ class ChunkResult:
     episodes: list  # finished episodes: dicts with return, length, success_once, success_at_end
 
 
+@dataclass
+class EpisodeStats:
+    """What each env's running episode has accumulated, carried from chunk to chunk ([N] tensors)."""
+
+    t: torch.Tensor  # long: env steps taken in the episode
+    ret: torch.Tensor  # float: undiscounted return
+    success_once: torch.Tensor  # bool: success at some step
+
+    @classmethod
+    def zeros(cls, n: int, device=None) -> EpisodeStats:
+        return cls(torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, device=device),
+                   torch.zeros(n, dtype=torch.bool, device=device))
+
+
+@dataclass
+class ChunkTally:
+    """One chunk's bookkeeping so far ([N] tensors); ``tally_step`` returns the next one."""
+
+    stats: EpisodeStats
+    alive: torch.Tensor  # bool: the episode has not ended inside this chunk, so the env's next step counts
+    reward: torch.Tensor  # sum_i gamma^i r_i over the counted steps
+    discount: torch.Tensor  # gamma^steps
+    steps: torch.Tensor  # long: counted steps
+    terminated: torch.Tensor  # bool: the episode ended inside the chunk by termination (success/failure)
+    truncated: torch.Tensor  # bool: ... by the time limit (both can be set, as in gymnasium)
+    last_success: torch.Tensor  # bool: success at the last counted step
+
+
+def start_chunk(stats: EpisodeStats) -> ChunkTally:
+    n, dev = stats.t.shape[0], stats.t.device
+    false = torch.zeros(n, dtype=torch.bool, device=dev)
+    return ChunkTally(stats, ~false, torch.zeros(n, device=dev), torch.ones(n, device=dev),
+                      torch.zeros(n, dtype=torch.long, device=dev), false, false, false)
+
+
+def tally_step(tally: ChunkTally, reward: torch.Tensor, term: torch.Tensor, success: torch.Tensor, *, gamma: float,
+               horizon: int, auto_reset: bool = True, ignore_terminations: bool = False):
+    """Account for one env step of every env (a pure function: no input is modified).
+
+    ``reward [N]``, ``term [N]`` (the task ended: success or failure) and ``success [N]`` are what the
+    envs returned for this step. Only envs whose episode is still running in this chunk (``tally.alive``)
+    count the step: their reward is added with weight ``gamma^steps``, their episode clock advances, and
+    with ``auto_reset`` their episode ends at a termination (unless ``ignore_terminations``) or when the
+    clock reaches ``horizon``; later steps of the chunk do not count for them. Without ``auto_reset``
+    (evaluation) nothing ends and ``terminated``/``truncated`` stay False.
+
+    Returns ``(next tally, counted [N] bool, step_reward [N], step_success [N])``, the last two zero where
+    the step does not count.
+    """
+    counted = tally.alive
+    r = torch.where(counted, reward.to(tally.reward.dtype), torch.zeros_like(tally.reward))
+    s = success.bool() & counted
+    stats = EpisodeStats(tally.stats.t + counted.long(), tally.stats.ret + r, tally.stats.success_once | s)
+    terminated, truncated, alive = tally.terminated, tally.truncated, counted
+    if auto_reset:
+        ended_term = counted & term.bool() & (not ignore_terminations)
+        ended_trunc = counted & (stats.t >= horizon)
+        terminated, truncated = terminated | ended_term, truncated | ended_trunc
+        alive = counted & ~(ended_term | ended_trunc)
+    nxt = ChunkTally(stats, alive, tally.reward + tally.discount * r,
+                     torch.where(counted, tally.discount * gamma, tally.discount), tally.steps + counted.long(),
+                     terminated, truncated, torch.where(counted, s, tally.last_success))
+    return nxt, counted, r, s
+
+
+def finish_chunk(tally: ChunkTally, auto_reset: bool = True):
+    """After the chunk: ``(done [N] bool, episodes, next_stats)``. ``done`` are the envs whose episode
+    ended (reset them before the next chunk); ``episodes`` one record per done env in env order (return,
+    length, success_once, success_at_end); ``next_stats`` the stats the next chunk starts from (zeros for
+    the done envs)."""
+    st = tally.stats
+    done = (tally.terminated | tally.truncated) if auto_reset else torch.zeros_like(tally.alive)
+    episodes = [{"return": float(st.ret[j]), "length": int(st.t[j]), "success_once": bool(st.success_once[j]),
+                 "success_at_end": bool(tally.last_success[j])} for j in done.nonzero().flatten().tolist()]
+    nxt = EpisodeStats(torch.where(done, torch.zeros_like(st.t), st.t), torch.where(done, torch.zeros_like(st.ret), st.ret),
+                       st.success_once & ~done)
+    return done, episodes, nxt
+
+
+def where_obs(mask: torch.Tensor, new: dict, old: dict) -> dict:
+    """Per env, ``new``'s obs where ``mask [N]`` is set, else ``old``'s (new tensors; inputs untouched)."""
+    return {k: torch.where(mask.reshape(-1, *([1] * (v.dim() - 1))), new[k], v) for k, v in old.items()}
+
+
 def resolve_backend(backend: str, setting: str = "env.backend") -> str:
     """``auto`` -> ``gpu`` with CUDA, else ``cpu``; ``gpu`` without CUDA is an error naming ``setting``."""
     if backend == "auto":
@@ -90,11 +174,11 @@ def _worker(remote, env_id: str, kwargs: dict):
         return
     horizon = kwargs["max_episode_steps"]
     remote.send(("ok", (env.unwrapped.single_action_space.low, env.unwrapped.single_action_space.high)))
-    state = {"t": 0, "ret": 0.0, "success_once": False, "obs": None}
+    state = {"stats": EpisodeStats.zeros(1), "obs": None}
 
     def reset(seed):
         raw, _ = env.reset(seed=seed)
-        state.update(t=0, ret=0.0, success_once=False, obs=obs_to_numpy(raw))
+        state.update(stats=EpisodeStats.zeros(1), obs=obs_to_numpy(raw))
         return state["obs"]
 
     while True:
@@ -106,33 +190,26 @@ def _worker(remote, env_id: str, kwargs: dict):
             h = actions.shape[0]
             success = np.zeros(h, bool)
             step_reward = np.zeros(h, np.float32)
-            reward, discount, terminated, truncated, steps, frames = 0.0, 1.0, False, False, 0, []
-            for i in range(h):
+            tally, frames = start_chunk(state["stats"]), []
+            for i in range(h):  # the same bookkeeping as GpuVectorEnv, for one env that stops where its episode ends
                 raw, r, term, trunc, info = env.step(actions[i][None])
-                state["t"] += 1
-                steps += 1
-                r = _scalar(r)
-                reward += discount * r
-                discount *= gamma
-                step_reward[i] = r
-                success[i] = bool(_scalar(info["success"])) if "success" in info else False
-                state["ret"] += r
-                state["success_once"] |= bool(success[i])
+                s = bool(_scalar(info["success"])) if "success" in info else False
+                tally, _, r_i, s_i = tally_step(tally, torch.tensor([_scalar(r)]), torch.tensor([bool(_scalar(term))]),
+                                                torch.tensor([s]), gamma=gamma, horizon=horizon, auto_reset=auto_reset,
+                                                ignore_terminations=ignore_terminations)
+                step_reward[i], success[i] = float(r_i[0]), bool(s_i[0])
                 state["obs"] = obs_to_numpy(raw)
                 if render:
                     frames.append(_np(env.render())[0])
-                terminated = bool(_scalar(term)) and not ignore_terminations
-                truncated = state["t"] >= horizon
-                if auto_reset and (terminated or truncated):
+                if not tally.alive[0]:
                     break
             final_obs = state["obs"]
-            episode = None
-            if auto_reset and (terminated or truncated):
-                episode = {"return": state["ret"], "length": state["t"], "success_once": state["success_once"],
-                           "success_at_end": bool(success[steps - 1])}
+            done, episodes, state["stats"] = finish_chunk(tally, auto_reset)
+            if done[0]:
                 reset(None)
-            remote.send((state["obs"], final_obs, reward, discount, terminated, truncated, success, step_reward,
-                         steps, episode, frames))
+            remote.send((state["obs"], final_obs, float(tally.reward[0]), float(tally.discount[0]),
+                         bool(tally.terminated[0]), bool(tally.truncated[0]), success, step_reward,
+                         int(tally.steps[0]), episodes[0] if episodes else None, frames))
         elif cmd == "close":
             env.close()
             remote.close()
@@ -232,35 +309,39 @@ class GpuVectorEnv:
             hint = (". physx_cuda needs SAPIEN's PhysX GPU library in ~/.sapien/physx (SAPIEN fetches it on first "
                     "use); env.backend=cpu does not") if sim_backend.startswith("physx_cuda") else ""
             raise FlowmanipError(f"cannot make {env_cfg.id} on {sim_backend}: {type(e).__name__}: {first}{hint}") from e
-        self.env = ManiSkillVectorEnv(env, num_envs, auto_reset=False, ignore_terminations=True, record_metrics=False)
+        self._setup(ManiSkillVectorEnv(env, num_envs, auto_reset=False, ignore_terminations=True,
+                                       record_metrics=False), num_envs, env_cfg.max_episode_steps)
+
+    def _setup(self, env, num_envs: int, horizon: int) -> None:
+        """Attach to ``env``, a batched env with ManiSkill's vector interface (tests pass a scripted stand-in)."""
+        self.env = env
         self.num_envs = num_envs
-        self.device = self.env.unwrapped.device
-        self.horizon = env_cfg.max_episode_steps
+        self.device = torch.device(self.env.unwrapped.device)
+        self.horizon = horizon
         space = self.env.unwrapped.single_action_space
         self.action_low = torch.as_tensor(space.low, dtype=torch.float32)
         self.action_high = torch.as_tensor(space.high, dtype=torch.float32)
-        self.t = torch.zeros(num_envs, dtype=torch.long, device=self.device)
-        self.ret = torch.zeros(num_envs, device=self.device)
-        self.success_once = torch.zeros(num_envs, dtype=torch.bool, device=self.device)
+        self.stats = EpisodeStats.zeros(num_envs, self.device)
         self.obs = None
 
-    def _obs(self, raw) -> dict:
-        # same layout as flatten_obs_tree (sorted keys), kept on the GPU
-        if not isinstance(raw, dict):
-            return {"state": raw.float()}
+    @staticmethod
+    def _obs(raw) -> dict:
+        # same layout as flatten_obs_tree (sorted keys, cameras without an rgb image skipped), kept on the GPU
+        if not isinstance(raw, dict):  # a copy: final_obs keeps it while the env steps on
+            return {"state": raw.to(torch.float32, copy=True)}
         parts = {k: v for k, v in raw.items() if k in ("agent", "extra", "sensor_data")}
         state = [v.reshape(v.shape[0], -1).float() if v.ndim > 1 else v[:, None].float()
                  for g in ("agent", "extra") if g in parts for _, v in sorted(parts[g].items())]
         out = {"state": torch.cat(state, dim=-1)}
-        if "sensor_data" in parts:
-            out["rgb"] = torch.cat([parts["sensor_data"][c]["rgb"] for c in sorted(parts["sensor_data"])], dim=-1)
+        cams = parts.get("sensor_data", {})
+        rgb = [cams[c]["rgb"] for c in sorted(cams) if "rgb" in cams[c]]
+        if rgb:
+            out["rgb"] = torch.cat(rgb, dim=-1).to(torch.uint8)
         return out
 
     def reset(self, seeds: list[int] | None = None) -> dict:
         raw, _ = self.env.reset(seed=seeds)
-        self.t.zero_()
-        self.ret.zero_()
-        self.success_once.zero_()
+        self.stats = EpisodeStats.zeros(self.num_envs, self.device)
         self.obs = self._obs(raw)
         return self.obs
 
@@ -268,67 +349,40 @@ class GpuVectorEnv:
                    render: bool = False, ignore_terminations: bool = False) -> ChunkResult:
         N, h = actions.shape[:2]
         dev = self.device
-        alive = torch.ones(N, dtype=torch.bool, device=dev)
-        reward = torch.zeros(N, device=dev)
-        discount = torch.ones(N, device=dev)
-        steps = torch.zeros(N, dtype=torch.long, device=dev)
-        terminated = torch.zeros(N, dtype=torch.bool, device=dev)
-        truncated = torch.zeros(N, dtype=torch.bool, device=dev)
         success = torch.zeros(N, h, dtype=torch.bool, device=dev)
         step_reward = torch.zeros(N, h, device=dev)
+        tally = start_chunk(self.stats)
         final_obs = None
         frames = []
         for i in range(h):
             raw, r, _, _, info = self.env.step(actions[:, i].to(dev))
             # the wrapper zeroes terminations (it must not auto-reset); a task ends at success or failure
-            term = torch.zeros_like(alive)
+            term = torch.zeros(N, dtype=torch.bool, device=dev)
             for key in ("success", "fail"):
                 if key in info:
                     term = term | info[key].bool()
+            s = info["success"].bool() if "success" in info else torch.zeros_like(term)
+            tally, counted, step_reward[:, i], success[:, i] = tally_step(
+                tally, r.reshape(N), term.reshape(N), s.reshape(N), gamma=gamma, horizon=self.horizon,
+                auto_reset=auto_reset, ignore_terminations=ignore_terminations)
             obs = self._obs(raw)
-            if final_obs is None:
-                final_obs = {k: v.clone() for k, v in obs.items()}
-            else:
-                for k in obs:
-                    final_obs[k][alive] = obs[k][alive]
-            r = r.float() * alive
-            reward += discount * r
-            discount = torch.where(alive, discount * gamma, discount)
-            step_reward[:, i] = r
-            s = info["success"].bool() & alive if "success" in info else torch.zeros_like(alive)
-            success[:, i] = s
-            self.success_once |= s
-            self.ret += r
-            self.t += alive.long()
-            steps += alive.long()
+            # the obs after each env's last counted step (the first step counts for every env)
+            final_obs = obs if final_obs is None else where_obs(counted, obs, final_obs)
             if render:
                 frames.append(self.env.render().cpu().numpy())
-            if auto_reset:
-                ended_term = term.bool() & alive & (not ignore_terminations)
-                ended_trunc = (self.t >= self.horizon) & alive & ~ended_term
-                terminated |= ended_term
-                truncated |= ended_trunc
-                alive &= ~(ended_term | ended_trunc)
-        episodes = []
-        next_obs = {k: v.clone() for k, v in final_obs.items()}
-        done = terminated | truncated
-        if auto_reset and done.any():
-            idx = done.nonzero().squeeze(-1)
-            last = (steps - 1).clamp(min=0)
-            for j in idx.tolist():
-                episodes.append({"return": float(self.ret[j]), "length": int(self.t[j]),
-                                 "success_once": bool(self.success_once[j]),
-                                 "success_at_end": bool(success[j, last[j]])})
+        done, episodes, self.stats = finish_chunk(tally, auto_reset)
+        next_obs = final_obs
+        if done.any():
+            idx = done.nonzero().flatten()
             raw, _ = self.env.reset(options={"env_idx": idx})
             fresh = self._obs(raw)
-            for k in next_obs:
-                next_obs[k][idx] = fresh[k][idx] if fresh[k].shape[0] == N else fresh[k]
-            self.t[idx] = 0
-            self.ret[idx] = 0
-            self.success_once[idx] = False
+            if next(iter(fresh.values())).shape[0] != N:  # only the reset envs' obs came back
+                fresh = {k: torch.zeros_like(v).index_copy_(0, idx, fresh[k]) for k, v in final_obs.items()}
+            next_obs = where_obs(done, fresh, final_obs)
+        self.obs = next_obs
         self.last_frames = [np.stack([f[j] for f in frames]) for j in range(N)] if render else None
-        return ChunkResult(next_obs, final_obs, reward, discount, terminated, truncated, success, step_reward,
-                           steps, episodes)
+        return ChunkResult(next_obs, final_obs, tally.reward, tally.discount, tally.terminated, tally.truncated,
+                           success, step_reward, tally.steps, episodes)
 
     def close(self):
         self.env.close()

@@ -16,19 +16,34 @@ from flowmanip.utils import atomic_output
 
 
 class _Rollout(nn.Module):
-    """Encoder features -> env actions: the K-step rollout (noise-free or noise-augmented), tanh, scaling."""
+    """Encoder features -> env actions: the K-step rollout (noise-free or noise-augmented), tanh, scaling.
 
-    def __init__(self, policy, stochastic: bool):
+    The noise-augmented rollout draws from its own generator, never torch's global one: call ``n``
+    (0, 1, ... since the module was exported or ``reseed`` was called) seeds a fresh generator with
+    ``seed * 1000003 + n``, so every process that loads the file gets the same action stream, and the
+    position in the stream (``noise_calls``) is saved with the module.
+    """
+
+    def __init__(self, policy, stochastic: bool, seed: int = 0):
         super().__init__()
         self.actor = policy.actor
         self.scaler = policy.scaler
         self.stochastic = stochastic
+        self.seed = int(seed)
+        self.noise_calls = 0
         self.chunk, self.action_dim = policy.chunk, policy.action_dim
         self.squeeze_chunk = policy.chunk == 1
 
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+        self.noise_calls = 0
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.stochastic:
-            a = self.actor.sample(z, False, None)[0]
+            generator = torch.Generator(device=z.device)
+            generator.manual_seed(self.seed * 1000003 + self.noise_calls)
+            self.noise_calls += 1
+            a = self.actor.sample(z, False, generator)[0]
         else:
             a = torch.tanh(self.actor.deterministic(z, None))
         a = self.scaler.to_env(a.reshape(z.shape[0], self.chunk, self.action_dim))
@@ -36,11 +51,16 @@ class _Rollout(nn.Module):
 
 
 class StatePolicy(nn.Module):
-    def __init__(self, policy, stochastic: bool = False):
+    def __init__(self, policy, stochastic: bool = False, seed: int = 0):
         super().__init__()
         self.encoder = policy.encoder
-        self.rollout = _Rollout(policy, stochastic)
+        self.rollout = _Rollout(policy, stochastic, seed)
         self.obs_dim = int(policy.spec["obs_dim"])
+
+    @torch.jit.export
+    def reseed(self, seed: int) -> None:
+        """Restart the noise stream of a ``--stochastic`` export from ``seed`` (no effect on a deterministic one)."""
+        self.rollout.reseed(seed)
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
         if obs.dtype != torch.float32:
@@ -51,12 +71,17 @@ class StatePolicy(nn.Module):
 
 
 class DictPolicy(nn.Module):
-    def __init__(self, policy, stochastic: bool = False):
+    def __init__(self, policy, stochastic: bool = False, seed: int = 0):
         super().__init__()
         self.encoder = policy.encoder
-        self.rollout = _Rollout(policy, stochastic)
+        self.rollout = _Rollout(policy, stochastic, seed)
         self.obs_dim = int(policy.spec["obs_dim"])
         self.rgb_shape = [int(x) for x in policy.spec["rgb_shape"]]
+
+    @torch.jit.export
+    def reseed(self, seed: int) -> None:
+        """Restart the noise stream of a ``--stochastic`` export from ``seed`` (no effect on a deterministic one)."""
+        self.rollout.reseed(seed)
 
     def forward(self, obs: Dict[str, torch.Tensor]) -> torch.Tensor:
         if "rgb" not in obs or "state" not in obs:
@@ -98,12 +123,12 @@ def export_metadata(ckpt: dict, stochastic: bool, seed: int, fmt: str) -> dict:
 def export_checkpoint(checkpoint: str, output: str, fmt: str = "torchscript", stochastic: bool = False,
                       seed: int = 0) -> str:
     from flowmanip.train.checkpoint import load_checkpoint
-    from flowmanip.train.pretrain import policy_from_checkpoint
+    from flowmanip.train.stages import policy_from_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     policy = policy_from_checkpoint(ckpt).cpu()
     module_cls = DictPolicy if ckpt["spec"].get("rgb_shape") else StatePolicy
-    module = module_cls(policy, stochastic).eval().requires_grad_(False)  # a controller needs no autograd graph
+    module = module_cls(policy, stochastic, seed).eval().requires_grad_(False)  # a controller needs no autograd graph
     meta = export_metadata(ckpt, stochastic, seed, fmt)
     if fmt == "torchscript":
         with warnings.catch_warnings():
@@ -116,8 +141,10 @@ def export_checkpoint(checkpoint: str, output: str, fmt: str = "torchscript", st
                 torch.jit.save(scripted, tmp, _extra_files={"meta.json": json.dumps(meta)})
     elif fmt == "onnx":
         if module_cls is DictPolicy or stochastic:
-            raise FlowmanipError("ONNX export supports deterministic state policies; name the output *.pt "
-                                 "for TorchScript")
+            what = "--stochastic (its seeded noise stream is a TorchScript module's state)" if stochastic else \
+                "image policies"
+            raise FlowmanipError(f"ONNX export supports deterministic state policies, not {what}; name the output "
+                                 "*.pt for TorchScript")
         example = torch.zeros(1, ckpt["spec"]["obs_dim"])
         with atomic_output(output) as tmp:
             torch.onnx.export(module, (example,), tmp, input_names=["obs"], output_names=["action"],

@@ -29,6 +29,14 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor
     return (-0.5 * z.pow(2) - log_std - 0.9189385332046727).sum(-1)  # 0.5 * log(2 pi), literal for TorchScript
 
 
+def masked_mean(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean of ``x`` over the entries where ``mask`` (same shape, bool or 0/1) is set; all of them without a mask."""
+    if mask is None:
+        return x.mean()
+    mask = mask.to(x.dtype)
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
 def tanh_log_det(pre_tanh: torch.Tensor) -> torch.Tensor:
     """Sum over the last dim of log(1 - tanh(u)^2 + 1e-6)."""
     return torch.log(1.0 - torch.tanh(pre_tanh.float()).pow(2) + 1e-6).sum(-1)
@@ -106,10 +114,15 @@ class FlowActor(nn.Module):
         log_prob = log_prob - tanh_log_det(a)
         return torch.tanh(a), log_prob, states
 
-    def flow_matching_loss(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Conditional flow matching in pre-tanh space. ``action [B, d]`` normalised to [-1, 1]."""
+    def flow_matching_loss(self, z: torch.Tensor, action: torch.Tensor,
+                           mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Conditional flow matching in pre-tanh space. ``action [B, d]`` normalised to [-1, 1].
+
+        ``mask [B, d]`` (optional, bool or 0/1) marks the dimensions that hold real actions: the loss
+        averages over those only, so the padding past an episode's end (``action_mask``) teaches nothing.
+        """
         x1 = torch.atanh(action.clamp(-1 + ATANH_EPS, 1 - ATANH_EPS))
         x0 = torch.randn_like(x1)
         t = torch.rand(x1.shape[0], device=x1.device)
         xt = (1 - t[:, None]) * x0 + t[:, None] * x1
-        return (self.velocity(xt, t, z) - (x1 - x0)).pow(2).mean()
+        return masked_mean((self.velocity(xt, t, z) - (x1 - x0)).pow(2), mask)

@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from flowmanip.models.flow_policy import gaussian_log_prob, tanh_log_det
+from flowmanip.models.flow_policy import gaussian_log_prob, masked_mean, tanh_log_det
 from flowmanip.models.layers import mlp
 
 
@@ -33,10 +33,18 @@ class GaussianActor(nn.Module):
         log_prob = gaussian_log_prob(u, mean, log_std) - tanh_log_det(u)
         return torch.tanh(u), log_prob, []
 
-    def flow_matching_loss(self, z: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Behaviour cloning for the baseline: Gaussian negative log-likelihood of atanh(action)."""
+    def flow_matching_loss(self, z: torch.Tensor, action: torch.Tensor,
+                           mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Behaviour cloning for the baseline: Gaussian negative log-likelihood of atanh(action), per dimension.
+
+        ``mask [B, d]`` (optional) keeps the dimensions that hold real actions, as in ``FlowActor``'s loss.
+        """
         from flowmanip.models.flow_policy import ATANH_EPS
 
         mean, log_std = self._stats(z)
         u = torch.atanh(action.clamp(-1 + ATANH_EPS, 1 - ATANH_EPS))
-        return -gaussian_log_prob(u, mean, log_std).mean() / self.dim
+        if mask is None:
+            return -gaussian_log_prob(u, mean, log_std).mean() / self.dim
+        # the same per-dimension terms as gaussian_log_prob, before its sum over the dimensions
+        nll = 0.5 * ((u - mean) * torch.exp(-log_std)).pow(2) + log_std + 0.9189385332046727
+        return masked_mean(nll, mask)
