@@ -157,7 +157,7 @@ class SACFlow(nn.Module):
                 "entropy_estimate": -log_prob.mean().detach()}
         if demo_batch is not None and bc_weight > 0 and self.cfg.bc_type != "none":
             z_demo = self.encoder(demo_batch["obs"]).detach()
-            bc = bc_loss(self.actor, z_demo, demo_batch["action"], self.cfg.bc_type)
+            bc = bc_loss(self.actor, z_demo, demo_batch["action"], self.cfg.bc_type, demo_batch.get("action_mask"))
             loss = loss + bc_weight * bc
             info["bc_loss"] = bc.detach()
         if self.anchor_actor is not None:

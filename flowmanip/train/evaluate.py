@@ -94,7 +94,7 @@ def evaluate_checkpoint(path: str, episodes: int | None = None, seed: int | None
     settings."""
     from flowmanip.envs import make_vector_env, resolve_backend
     from flowmanip.train.checkpoint import load_checkpoint
-    from flowmanip.train.pretrain import policy_from_checkpoint
+    from flowmanip.train.stages import policy_from_checkpoint
 
     if episodes is not None and episodes < 1:
         raise FlowmanipError(f"--episodes must be >= 1, got {episodes}")

@@ -88,8 +88,10 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
         agent = SACFlow(policy, critic, cfg, grad_sync=gradient_averager(accelerator)).to(device)
         broadcast_parameters(accelerator, agent)
 
-        buffer = ReplayBuffer(min(cfg.buffer_size, cfg.total_env_steps // world + 10 * recipe.env.num_envs),
-                              obs, policy.actor.dim, env.device)
+        # one transition per decision: at most total/H full chunks plus one short chunk per episode, per process
+        per_rank = -(-cfg.total_env_steps // world)
+        decisions = -(-per_rank // H) + -(-per_rank // recipe.env.max_episode_steps) + 2 * recipe.env.num_envs
+        buffer = ReplayBuffer(min(cfg.buffer_size, decisions), obs, policy.actor.dim, env.device)
         counters = {"env_steps": 0, "update_budget": 0.0, "obs_stats_set": ckpt is not None or episodes is not None}
         learn_from = cfg.learning_starts
         if resume:

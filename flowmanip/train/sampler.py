@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from flowmanip.algos.flow_matching import action_dim_mask
 from flowmanip.train.replay import concat_batches
 
 
@@ -36,7 +37,8 @@ class BatchSampler:
         idx = torch.randint(len(self.demos), (n,))
         b = self.demos.get(idx)
         b["action"] = self.demo_actions[idx]
-        b.pop("action_mask")
+        # the BC term ignores the padding past an episode's end; the critic batch takes only the online keys
+        b["action_mask"] = action_dim_mask(b["action_mask"], self.demo_actions.shape[1] // b["action_mask"].shape[1])
         return to_device(b, self.device)
 
     def num_demo(self) -> int:
