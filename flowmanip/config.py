@@ -300,7 +300,7 @@ def check_finetune_settings(r: Recipe, source: str = "<recipe>") -> None:
         if f.bc_weight > 0 and f.bc_type != "none" or f.anchor_weight > 0:
             raise FlowmanipError(f"{source}: finetune.actor={f.actor} keeps the flow policy frozen, so it has no BC or "
                                  "anchor term: set finetune.bc_weight=0 and finetune.anchor_weight=0")
-        if str(f.init).lower() in ("none", "scratch", ""):
+        if f.init is not None and f.init.lower() in ("none", "scratch", ""):
             raise FlowmanipError(f"{source}: finetune.actor={f.actor} starts from a pretrained flow policy; "
                                  "finetune.init=none has none")
     if 0 < p.execute < p.chunk:
