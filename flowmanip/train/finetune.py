@@ -23,10 +23,10 @@ from tqdm import tqdm
 from flowmanip.algos.sac_flow import SACFlow
 from flowmanip.config import check_reachable_entropy, load_recipe, to_yaml
 from flowmanip.models.policy import Policy, build_critic
-from flowmanip.train.checkpoint import rng_state, save_checkpoint, set_rng_state
+from flowmanip.train.checkpoint import rng_state, save_checkpoint
 from flowmanip.train.distributed import broadcast_parameters, gradient_averager, max_parameter_drift
 from flowmanip.train.finetune_setup import (check_start, earlier_evals, log_row, mean_sigma, scratch_spec,
-                                           set_obs_stats)
+                                           seed_sampling, set_obs_stats)
 from flowmanip.train.logger import MetricsLogger, plot_curves
 from flowmanip.train.replay import ReplayBuffer
 from flowmanip.train.sampler import BatchSampler, to_device
@@ -108,11 +108,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                     print(f"resuming at env step {counters['env_steps']} with an empty replay buffer (the run was "
                           f"saved with finetune.save_buffer=false): updates restart after {cfg.learning_starts} "
                           "new env steps (finetune.learning_starts)", file=sys.stderr)
-        # sampling and rollout noise: the saved stream on a resumed main rank, a stream of its own on every other
-        if resume and is_main:
-            set_rng_state(ts["rng"])
-        else:
-            torch.manual_seed(recipe.seed + 1000 * rank + counters["env_steps"])
+        seed_sampling(recipe.seed, rank, counters["env_steps"], ts["rng"] if resume and is_main else None)
         stats_at = max(cfg.random_warmup, cfg.learning_starts)
 
         demos = DemoSamples(episodes, H, cfg.gamma, cfg.ignore_terminations) if episodes is not None else None

@@ -9,7 +9,7 @@ import torch
 
 from flowmanip.config import check_finetune_settings
 from flowmanip.errors import FlowmanipError
-from flowmanip.train.checkpoint import check_init_matches, load_checkpoint
+from flowmanip.train.checkpoint import check_init_matches, load_checkpoint, set_rng_state
 from flowmanip.train.logger import read_metrics
 from flowmanip.utils import check_output_dir
 
@@ -114,3 +114,12 @@ def log_row(info: dict, agent, sigma: float, episodes: list, elapsed: float, ste
         row["train/return"] = sum(e["return"] for e in episodes) / len(episodes)
         row["train/success_once"] = sum(e["success_once"] for e in episodes) / len(episodes)
     return row
+
+
+def seed_sampling(seed: int, rank: int, env_steps: int, saved_rng: dict | None = None) -> None:
+    """The random stream of batch sampling and rollout noise: a resumed main process continues the one its
+    checkpoint saved (``saved_rng``); a new run, and every other process, gets one of its own per rank."""
+    if saved_rng is not None:
+        set_rng_state(saved_rng)
+    else:
+        torch.manual_seed(seed + 1000 * rank + env_steps)
