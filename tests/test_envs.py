@@ -288,3 +288,76 @@ def test_rgb_obs_of_the_gpu_env_skip_cameras_without_rgb_like_the_cpu_path():
     np.testing.assert_array_equal(got["state"].numpy(), expected["state"])
     np.testing.assert_array_equal(got["rgb"].numpy(), expected["rgb"])
     assert got["rgb"].dtype == torch.uint8
+
+
+def test_mid_chunk_endings_reach_the_buffer_and_the_critic_target():
+    """Real PickCube, chunks of 8: the first shipped demo succeeds inside a chunk (a termination) and a 13-step
+    horizon cuts a replay's second chunk after 5 steps (a truncation). The replay buffer stores the episode's
+    last observation (not the next episode's first), gamma^n for the n steps taken, and the termination flag;
+    the critic target bootstraps through the truncation and not through the termination."""
+    from test_sac_flow import perturb, q_by_hand
+
+    from flowmanip.algos.sac_flow import SACFlow
+    from flowmanip.config import FinetuneConfig, PolicyConfig
+    from flowmanip.models.policy import Policy, build_critic
+    from flowmanip.train.replay import ReplayBuffer
+
+    _, (ep,) = read_maniskill(DEMOS, max_episodes=1)
+    transitions = []  # (obs, chunk, ChunkResult) of each chunk that ends an episode
+    for horizon, ignore in ((100, False), (13, False)):
+        env = CpuVectorEnv(EnvConfig(id="PickCube-v1", control_mode="pd_ee_delta_pos", obs_mode="state",
+                                     reward_mode="normalized_dense", max_episode_steps=horizon), 1)
+        try:
+            obs = env.reset([ep.seed])
+            for start in range(0, len(ep.actions), 8):
+                chunk = torch.zeros(8, ep.actions.shape[1])  # the demo's tail padded with zero actions
+                part = torch.as_tensor(ep.actions[start:start + 8], dtype=torch.float32)
+                chunk[:len(part)] = part
+                result = env.step_chunk(chunk[None], gamma=0.9, ignore_terminations=ignore)
+                if result.episodes:
+                    transitions.append((obs, chunk.reshape(1, -1), result))
+                    break
+                obs = result.next_obs
+        finally:
+            env.close()
+    (obs_t, a_t, term), (obs_c, a_c, trunc) = transitions
+    n_term = int(term.steps[0])
+    assert term.terminated.item() and not term.truncated.item() and 0 < n_term < 8, "success inside the chunk"
+    assert trunc.truncated.item() and not trunc.terminated.item() and int(trunc.steps[0]) == 13 - 8
+    for r in (term, trunc):  # the auto-reset gave a new episode's first obs; the transition keeps the old last one
+        assert not torch.allclose(r.final_obs["state"], r.next_obs["state"])
+
+    buffer = ReplayBuffer(4, obs_t, a_t.shape[1], "cpu")
+    for o, a, r in ((obs_t, a_t, term), (obs_c, a_c, trunc)):
+        buffer.add(o, a, r.reward, r.discount, r.terminated, r.final_obs)
+    torch.testing.assert_close(buffer.next_obs["state"][:2], torch.cat([term.final_obs["state"], trunc.final_obs["state"]]))
+    torch.testing.assert_close(buffer.discount[:2], torch.tensor([0.9 ** n_term, 0.9 ** 5]))
+    assert buffer.terminated[:2].tolist() == [True, False]
+
+    dim = obs_t["state"].shape[1]
+    spec = {"obs_dim": dim, "obs_mean": [0.0] * dim, "obs_std": [1.0] * dim, "action_dim": 4,
+            "action_low": [-1.0] * 4, "action_high": [1.0] * 4, "env_low": [-1.0] * 4, "env_high": [1.0] * 4,
+            "rgb_shape": None}
+    pcfg = PolicyConfig(velocity="gated", flow_steps=2, chunk=8, hidden_dim=32, num_layers=2, encoder="identity")
+    fcfg = FinetuneConfig(init_alpha=0.2, num_q=2, q_hidden_dim=16, q_layers=1, ignore_terminations=False, gamma=0.9)
+    torch.manual_seed(0)
+    policy = Policy(spec, pcfg)
+    agent = SACFlow(policy, build_critic(policy.encoder.out_dim, spec, pcfg, fcfg), fcfg)
+    perturb(agent.target_critic, seed=1)
+
+    def one(i):
+        return {"obs": {"state": buffer.obs["state"][i:i + 1]}, "next_obs": {"state": buffer.next_obs["state"][i:i + 1]},
+                **{k: getattr(buffer, k)[i:i + 1] for k in ("action", "reward", "discount", "terminated")}}
+
+    _, info = agent.critic_loss(one(0))  # terminal: the target is the chunk reward alone
+    assert info["target_mean"].item() == pytest.approx(term.reward.item(), abs=1e-6)
+    torch.manual_seed(3)
+    _, info = agent.critic_loss(one(1))
+    torch.manual_seed(3)
+    with torch.no_grad():
+        z_next = agent.encoder(one(1)["next_obs"])
+        a_next, logp, _ = agent.actor.sample(z_next)
+        q_next = q_by_hand(agent.target_critic, agent.target_encoder(one(1)["next_obs"]), a_next).min(0).values
+    expected = trunc.reward + 0.9 ** 5 * (q_next - 0.2 * logp)
+    assert info["target_mean"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert abs(expected.item() - trunc.reward.item()) > 1e-3  # the bootstrap term is really there
