@@ -38,6 +38,16 @@ def decoded_ckpt(demo_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def rgb_ckpt(rgb_demo, tmp_path_factory):
+    """A tiny image policy: 32x32 camera + proprioception (29 numbers), a small CNN."""
+    out = tmp_path_factory.mktemp("export_rgb")
+    run_cli("pretrain", "recipes/pickcube_rgb.yaml", f"data.path={rgb_demo}", f"out_dir={out}", "env.camera_size=32",
+            "policy.cnn_channels=8", "policy.hidden_dim=32", "policy.encoder_dim=32", "pretrain.batch_size=16",
+            "pretrain.steps=40", "pretrain.eval_every=0", "pretrain.save_every=40", "env.num_eval_envs=1")
+    return out / "pretrain"
+
+
+@pytest.fixture(scope="module")
 def finetune_ckpt(state_ckpt, demo_dir, tmp_path_factory):
     """A tiny fine-tune of the Flow-G state policy: 240 env steps on one env, some 50 SAC Flow updates."""
     out = tmp_path_factory.mktemp("export_finetune")
@@ -61,6 +71,9 @@ assert "flowmanip" not in sys.modules
 meta = extra["meta.json"]
 print(meta.decode() if isinstance(meta, bytes) else meta)  # torch returns bytes
 """
+
+
+TORCH_ONLY_RGB = TORCH_ONLY.replace("policy(obs)", "policy({'rgb': obs['rgb'], 'state': obs['state']})")
 
 
 @pytest.mark.parametrize("which", ["state_ckpt", "decoded_ckpt", "finetune_ckpt"])
@@ -93,6 +106,44 @@ def test_torchscript_parity_in_a_torch_only_process(which, request, tmp_path):
         init = policy_from_checkpoint(load_checkpoint(str(request.getfixturevalue("state_ckpt"))))
         with torch.no_grad():
             assert not torch.allclose(init.act({"state": obs}), got, atol=1e-4)
+
+
+def test_image_policy_parity_at_training_and_camera_resolutions_in_a_torch_only_process(rgb_ckpt, tmp_path):
+    """uint8 HWC frames at the training size give the Policy's actions; a 48x64 camera frame gives the Policy's
+    actions on its centre 48x48 crop resized (antialiased bilinear, rounded to uint8) to 32x32."""
+    import torch.nn.functional as F
+
+    path = tmp_path / "policy.pt"
+    run_cli("export", rgb_ckpt, "-o", path)
+    policy = policy_from_checkpoint(load_checkpoint(str(rgb_ckpt)))
+    g = torch.Generator().manual_seed(0)
+    state = torch.randn(4, 29, generator=g)
+    small = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8, generator=g)
+    camera = torch.randint(0, 256, (4, 48, 64, 3), dtype=torch.uint8, generator=g)
+    script = tmp_path / "load.py"
+    script.write_text(TORCH_ONLY_RGB)
+    outputs = {}
+    for name, rgb in (("small", small), ("camera", camera)):
+        torch.save({"rgb": rgb, "state": state}, tmp_path / f"{name}.pt")
+        proc = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / f"{name}.pt"),
+                               str(tmp_path / f"{name}_out.pt")], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        outputs[name] = torch.load(tmp_path / f"{name}_out.pt")
+        meta = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert meta["obs"]["rgb"]["shape"] == ["B", 32, 32, 3] and meta["obs"]["rgb"]["layout"] == "HWC"
+    assert (meta["rgb_height"], meta["rgb_width"], meta["rgb_channels"]) == (32, 32, 3)
+    crop = camera[:, :, 8:56].permute(0, 3, 1, 2).float()
+    resized = F.interpolate(crop, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
+    resized = resized.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs["small"], policy.act({"rgb": small, "state": state}), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(outputs["camera"], policy.act({"rgb": resized, "state": state}), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(outputs["camera"], policy.act({"rgb": camera[:, 8:40, 16:48], "state": state}),
+                                  atol=1e-4)  # a plain crop is not what the module does
+    bad = subprocess.run([sys.executable, "-c", "import sys, torch; p = torch.jit.load(sys.argv[1]); "
+                          "p({'rgb': torch.zeros(1, 32, 32, 4, dtype=torch.uint8), 'state': torch.zeros(1, 29)})",
+                          str(path)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "[B, H, W, 3]" in bad.stderr  # the channel count still has to match
 
 
 def test_exported_module_rejects_bad_input(state_ckpt, tmp_path):
@@ -197,25 +248,47 @@ def test_onnx_export_matches_onnxruntime(state_ckpt, tmp_path):
         np.testing.assert_allclose(got, policy.act({"state": obs}).numpy(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(not (shutil.which("cmake") and shutil.which("g++")), reason="needs cmake and g++")
-def test_cpp_example_loads_the_policy(state_ckpt, tmp_path):
-    path = tmp_path / "policy.pt"
-    run_cli("export", state_ckpt, "-o", path)
-    build = tmp_path / "build"
+@pytest.fixture(scope="module")
+def run_policy_binary(tmp_path_factory):
+    """examples/cpp built against the torch wheel's libtorch."""
+    if not (shutil.which("cmake") and shutil.which("g++")):
+        pytest.skip("needs cmake and g++")
+    build = tmp_path_factory.mktemp("cpp_build")
     torch_root = os.path.dirname(torch.__file__)
     subprocess.run(["cmake", "-S", os.path.join(REPO, "examples/cpp"), "-B", str(build), f"-DTORCH_ROOT={torch_root}",
                     "-DCMAKE_BUILD_TYPE=Release"], check=True, capture_output=True)
     proc = subprocess.run(["cmake", "--build", str(build), "-j2"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = subprocess.run([str(build / "run_policy"), str(path)], capture_output=True, text=True)
+    return build / "run_policy"
+
+
+def first_action(stdout: str) -> list[float]:
+    return [float(x) for x in stdout.strip().splitlines()[-1].split(":")[1].split()]
+
+
+def test_cpp_example_loads_the_policy(state_ckpt, run_policy_binary, tmp_path):
+    path = tmp_path / "policy.pt"
+    run_cli("export", state_ckpt, "-o", path)
+    out = subprocess.run([str(run_policy_binary), str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "obs_dim 42 action_dim 4 output [1, 8, 4]" in out.stdout
-    values = [float(x) for x in out.stdout.strip().splitlines()[-1].split(":")[1].split()]
     expected = torch.jit.load(str(path))(torch.zeros(1, 42))[0, 0]
-    np.testing.assert_allclose(values, expected.tolist(), atol=1e-5)
+    np.testing.assert_allclose(first_action(out.stdout), expected.tolist(), atol=1e-5)
 
 
-@pytest.mark.parametrize("which", ["state_ckpt", "finetune_ckpt"])
+def test_cpp_example_runs_an_image_policy_at_a_camera_resolution(rgb_ckpt, run_policy_binary, tmp_path):
+    path = tmp_path / "policy.pt"
+    run_cli("export", rgb_ckpt, "-o", path)
+    out = subprocess.run([str(run_policy_binary), str(path), "48", "64"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "rgb input 48x64" in out.stdout and "action_dim 4 output [1, 8, 4]" in out.stdout
+    with torch.no_grad():
+        expected = torch.jit.load(str(path))({"rgb": torch.zeros(1, 48, 64, 3, dtype=torch.uint8),
+                                              "state": torch.zeros(1, 29)})[0, 0]
+    np.testing.assert_allclose(first_action(out.stdout), expected.tolist(), atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["state_ckpt", "finetune_ckpt", "rgb_ckpt"])
 def test_exported_policy_in_closed_loop_matches_the_policy_step_by_step(which, request, tmp_path):
     """Along a real rollout driven by the exported module, the checkpoint's Policy gives the same action chunk
     at every decision (the observations the robot actually meets, not random ones); `flowmanip eval` runs
@@ -233,7 +306,7 @@ def test_exported_policy_in_closed_loop_matches_the_policy_step_by_step(which, r
     seen, gaps = [], []
 
     def act(obs):
-        chunk = exported(obs["state"])
+        chunk = exported({"rgb": obs["rgb"], "state": obs["state"]} if "rgb" in obs else obs["state"])
         gaps.append((chunk - policy.act(obs)).abs().max().item())
         seen.append(obs["state"].clone())
         return chunk

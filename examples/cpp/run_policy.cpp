@@ -1,7 +1,11 @@
 // Load an exported flowmanip policy with libtorch alone, read its metadata, print one action.
-//   run_policy policy.pt
+//   run_policy policy.pt [camera_height camera_width]
+// A state policy takes a float32 [B, obs_dim] tensor; an image policy a dict {"rgb": uint8 [B, H, W, C],
+// "state": float32 [B, obs_dim]}, where H x W may be the camera's own resolution (the module crops and
+// resizes to what it trained on). This demo feeds zeros of the right shapes.
 #include <torch/script.h>
 
+#include <cctype>
 #include <iostream>
 #include <string>
 
@@ -13,9 +17,17 @@ static long json_int(const std::string& json, const std::string& key) {
   return std::stol(json.substr(pos + key.size() + 3));
 }
 
+// True when the metadata holds a number (not null) under key.
+static bool json_has_int(const std::string& json, const std::string& key) {
+  auto pos = json.find("\"" + key + "\":");
+  if (pos == std::string::npos) return false;
+  auto value = json.find_first_not_of(' ', pos + key.size() + 3);
+  return value != std::string::npos && (std::isdigit(json[value]) || json[value] == '-');
+}
+
 int main(int argc, char** argv) {
-  if (argc != 2) {
-    std::cerr << "usage: run_policy policy.pt\n";
+  if (argc != 2 && argc != 4) {
+    std::cerr << "usage: run_policy policy.pt [camera_height camera_width]\n";
     return 2;
   }
   torch::jit::ExtraFilesMap extra{{"meta.json", ""}};
@@ -26,8 +38,19 @@ int main(int argc, char** argv) {
   std::cout << "meta.json: " << meta << "\n";
 
   torch::NoGradGuard no_grad;
-  torch::Tensor obs = torch::zeros({1, obs_dim}, torch::kFloat32);
-  torch::Tensor action = policy.forward({obs}).toTensor();
+  torch::Tensor state = torch::zeros({1, obs_dim}, torch::kFloat32);
+  torch::Tensor action;
+  if (json_has_int(meta, "rgb_channels")) {  // an image policy: a dict of camera frame and proprioception
+    const long height = argc == 4 ? std::stol(argv[2]) : json_int(meta, "rgb_height");
+    const long width = argc == 4 ? std::stol(argv[3]) : json_int(meta, "rgb_width");
+    c10::Dict<std::string, torch::Tensor> obs;
+    obs.insert("rgb", torch::zeros({1, height, width, json_int(meta, "rgb_channels")}, torch::kUInt8));
+    obs.insert("state", state);
+    action = policy.forward({obs}).toTensor();
+    std::cout << "rgb input " << height << "x" << width << "\n";
+  } else {
+    action = policy.forward({state}).toTensor();
+  }
   std::cout << "obs_dim " << obs_dim << " action_dim " << action_dim << " output " << action.sizes() << "\n";
   std::cout << "first action:";
   auto first = action.reshape({-1, action_dim})[0];

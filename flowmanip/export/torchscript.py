@@ -70,7 +70,32 @@ class StatePolicy(nn.Module):
         return self.rollout(self.encoder({"state": obs}))
 
 
+def fit_image(rgb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """A camera's uint8 ``[B, h, w, C]`` frame to the ``[B, height, width, C]`` the policy trained on: the
+    centre crop with the training aspect ratio, then an antialiased bilinear resize, rounded back to uint8
+    (the simulator rendered the training images at ``height x width`` directly). Frames already at that
+    size pass through untouched."""
+    h, w = rgb.size(1), rgb.size(2)
+    if h == height and w == width:
+        return rgb
+    if h * width > w * height:  # taller than the training images: crop rows
+        keep = (w * height + width // 2) // width
+        top = (h - keep) // 2
+        rgb = rgb[:, top:top + keep]
+    elif h * width < w * height:  # wider: crop columns
+        keep = (h * width + height // 2) // height
+        left = (w - keep) // 2
+        rgb = rgb[:, :, left:left + keep]
+    x = rgb.permute(0, 3, 1, 2).float()
+    x = torch.nn.functional.interpolate(x, size=[height, width], mode="bilinear", align_corners=False,
+                                        antialias=True)
+    return x.round().clamp(0.0, 255.0).to(torch.uint8).permute(0, 2, 3, 1)
+
+
 class DictPolicy(nn.Module):
+    """``{"rgb": [B, h, w, C] uint8, "state": [B, D] float32}`` -> actions. ``C`` must match the training
+    cameras (stacked on channels); ``h x w`` may be a camera's native resolution (see ``fit_image``)."""
+
     def __init__(self, policy, stochastic: bool = False, seed: int = 0):
         super().__init__()
         self.encoder = policy.encoder
@@ -89,13 +114,15 @@ class DictPolicy(nn.Module):
         rgb, state = obs["rgb"], obs["state"]
         if rgb.dtype != torch.uint8:
             raise ValueError("obs['rgb'] must be uint8 (0-255, HWC), as the env gives it; convert with .to(torch.uint8)")
-        if rgb.dim() != 4 or list(rgb.shape[1:]) != self.rgb_shape:
-            raise ValueError("obs['rgb'] must be uint8 with shape [B, " + ", ".join([str(x) for x in self.rgb_shape])
-                             + "] (HWC), got shape " + str(list(rgb.shape)))
+        if rgb.dim() != 4 or rgb.size(3) != self.rgb_shape[2]:
+            raise ValueError("obs['rgb'] must be uint8 with shape [B, H, W, " + str(self.rgb_shape[2])
+                             + "] (HWC, cameras stacked on C; any H x W, resized to " + str(self.rgb_shape[0]) + "x"
+                             + str(self.rgb_shape[1]) + "), got shape " + str(list(rgb.shape)))
         if state.dtype != torch.float32 or state.dim() != 2 or state.size(1) != self.obs_dim:
             raise ValueError("obs['state'] must be float32 with shape [B, " + str(self.obs_dim) + "], got shape "
                              + str(list(state.shape)))
-        return self.rollout(self.encoder(obs))
+        rgb = fit_image(rgb, self.rgb_shape[0], self.rgb_shape[1])
+        return self.rollout(self.encoder({"rgb": rgb, "state": state}))
 
 
 def export_metadata(ckpt: dict, stochastic: bool, seed: int, fmt: str) -> dict:
@@ -107,10 +134,14 @@ def export_metadata(ckpt: dict, stochastic: bool, seed: int, fmt: str) -> dict:
         "stage": meta["stage"], "env_id": meta["env_id"], "control_mode": meta["control_mode"],
         "obs_mode": meta["obs_mode"],
         "obs_dim": spec["obs_dim"],
-        "obs": ({"rgb": {"shape": ["B", *rgb], "dtype": "uint8", "layout": "HWC"},
+        "obs": ({"rgb": {"shape": ["B", *rgb], "dtype": "uint8", "layout": "HWC", "cameras_stacked_on": "C",
+                         "other_sizes": "any H x W: centre crop to the training aspect ratio, antialiased "
+                                        f"bilinear resize to {rgb[0]}x{rgb[1]} inside the module"},
                  "state": {"shape": ["B", spec["obs_dim"]], "dtype": "float32"}} if rgb else
                 {"shape": ["B", spec["obs_dim"]], "dtype": "float32"}),
         "action_dim": spec["action_dim"],
+        "rgb_height": rgb[0] if rgb else None, "rgb_width": rgb[1] if rgb else None,
+        "rgb_channels": rgb[2] if rgb else None,
         "output_shape": ["B", spec["action_dim"]] if chunk == 1 else ["B", chunk, spec["action_dim"]],
         "action_low": spec["env_low"], "action_high": spec["env_high"],
         "K": recipe.policy.flow_steps, "H": chunk, "execute": recipe.policy.execute or chunk,
