@@ -39,12 +39,17 @@ def decoded_ckpt(demo_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rgb_ckpt(rgb_demo, tmp_path_factory):
-    """A tiny image policy: 32x32 camera + proprioception (29 numbers), a small CNN."""
+    """A tiny image policy, pretrained then fine-tuned (the whole path a camera policy takes to the arm):
+    32x32 camera + proprioception (29 numbers), a small CNN shared by actor and critic."""
     out = tmp_path_factory.mktemp("export_rgb")
-    run_cli("pretrain", "recipes/pickcube_rgb.yaml", f"data.path={rgb_demo}", f"out_dir={out}", "env.camera_size=32",
-            "policy.cnn_channels=8", "policy.hidden_dim=32", "policy.encoder_dim=32", "pretrain.batch_size=16",
-            "pretrain.steps=40", "pretrain.eval_every=0", "pretrain.save_every=40", "env.num_eval_envs=1")
-    return out / "pretrain"
+    common = [f"data.path={rgb_demo}", f"out_dir={out}", "env.camera_size=32", "policy.cnn_channels=8",
+              "policy.hidden_dim=32", "policy.encoder_dim=32", "env.num_eval_envs=1", "env.num_envs=1"]
+    run_cli("pretrain", "recipes/pickcube_rgb.yaml", *common, "pretrain.batch_size=16", "pretrain.steps=40",
+            "pretrain.eval_every=0", "pretrain.save_every=40")
+    run_cli("finetune", "recipes/pickcube_rgb.yaml", *common, "finetune.total_env_steps=48",
+            "finetune.learning_starts=32", "finetune.batch_size=16", "finetune.critic_warmup=0",
+            "finetune.eval_every=0", "finetune.log_every=48", "finetune.save_every=48", "logging.tensorboard=false")
+    return out / "finetune"
 
 
 @pytest.fixture(scope="module")
