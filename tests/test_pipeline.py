@@ -105,6 +105,16 @@ def test_finetune_improves_q_fit(demo_dir, tmp_path):
     assert len(rows) >= 3
     assert rows[-1]["critic_loss"] < 0.5 * rows[0]["critic_loss"], [r["critic_loss"] for r in rows]
     assert summary["final_eval"]["episodes"] == 2
+    # the loop's update count, replayed independently: every iteration steps each of the 2 envs one
+    # chunk (H = 8 actions, 4 at the 100-step episode end), and once learning_starts env steps are in,
+    # runs utd updates per env
+    steps, t, updates = 0, 0, 0
+    while steps < 640:
+        k = min(8, 100 - t)
+        t = (t + k) % 100
+        steps += 2 * k
+        updates += 8 * 2 if steps >= 160 else 0
+    assert summary["env_steps"] == steps and summary["updates"] == updates == 528
 
 
 def test_gaussian_baseline_pretrain_and_finetune(demo_dir, tmp_path):
