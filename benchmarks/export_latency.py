@@ -44,6 +44,7 @@ def main():
 
     from flowmanip.config import load_recipe
     from flowmanip.export.torchscript import DictPolicy, StatePolicy
+    from flowmanip.spec import make_spec
     from flowmanip.models.policy import Policy
 
     cases = [("state gated", "recipes/pickcube.yaml", ["policy.velocity=gated"]),
@@ -54,9 +55,9 @@ def main():
         recipe = load_recipe(path, ["policy.flow_steps=4", *overrides])
         rgb = recipe.env.obs_mode == "rgb"
         obs_dim = 29 if rgb else 42
-        spec = {"obs_dim": obs_dim, "obs_mean": [0.0] * obs_dim, "obs_std": [1.0] * obs_dim, "action_dim": 4,
-                "action_low": [-1.0] * 4, "action_high": [1.0] * 4, "env_low": [-1.0] * 4, "env_high": [1.0] * 4,
-                "rgb_shape": [recipe.env.camera_size, recipe.env.camera_size, 3] if rgb else None}
+        ones = [1.0] * 4
+        spec = make_spec(obs_dim=obs_dim, action_low=[-1.0] * 4, action_high=ones, env_low=[-1.0] * 4, env_high=ones,
+                         rgb_shape=[recipe.env.camera_size, recipe.env.camera_size, 3] if rgb else None)
         policy = Policy(spec, recipe.policy).eval()
         module = (DictPolicy if rgb else StatePolicy)(policy).eval()
         scripted = torch.jit.script(module)

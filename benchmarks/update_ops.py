@@ -44,11 +44,11 @@ def build(recipe_path: str, obs_dim: int, action_dim: int):
     from flowmanip.algos.sac_flow import SACFlow
     from flowmanip.config import load_recipe
     from flowmanip.models.policy import Policy, build_critic
+    from flowmanip.spec import make_spec
 
     r = load_recipe(recipe_path, [])
-    spec = {"obs_dim": obs_dim, "obs_mean": [0.0] * obs_dim, "obs_std": [1.0] * obs_dim, "action_dim": action_dim,
-            "action_low": [-1.0] * action_dim, "action_high": [1.0] * action_dim,
-            "env_low": [-1.0] * action_dim, "env_high": [1.0] * action_dim, "rgb_shape": None}
+    low, high = [-1.0] * action_dim, [1.0] * action_dim
+    spec = make_spec(obs_dim=obs_dim, action_low=low, action_high=high, env_low=low, env_high=high)
     policy = Policy(spec, r.policy, r.finetune.actor)
     agent = SACFlow(policy, build_critic(policy.encoder.out_dim, spec, r.policy, r.finetune), r.finetune)
     B, d = r.finetune.batch_size, policy.actor.dim

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from flowmanip.errors import FlowmanipError
+from flowmanip.spec import Spec, make_spec
 
 
-def normalization_stats(episodes, env_low, env_high, margin: float = 0.05) -> dict:
+def normalization_stats(episodes, env_low, env_high, margin: float = 0.05) -> Spec:
     """Obs mean/std and the per-dim action range of the data, widened by ``margin`` on each side.
 
     Dims that never vary fall back to the env's bounds. Actions are clipped to the env's
@@ -37,18 +38,10 @@ def normalization_stats(episodes, env_low, env_high, margin: float = 0.05) -> di
     flat = width < 1e-6
     low = np.where(flat, env_low, low - margin * width)
     high = np.where(flat, env_high, high + margin * width)
-    spec = {
-        "obs_dim": int(states.shape[1]),
-        "obs_mean": states.mean(0).tolist(),
-        "obs_std": states.std(0).tolist(),
-        "action_dim": int(actions.shape[1]),
-        "action_low": low.astype(np.float32).tolist(),
-        "action_high": high.astype(np.float32).tolist(),
-        "env_low": env_low.tolist(),
-        "env_high": env_high.tolist(),
-        "rgb_shape": list(episodes[0].obs["rgb"].shape[1:]) if "rgb" in episodes[0].obs else None,
-    }
-    return spec
+    return make_spec(obs_dim=states.shape[1], obs_mean=states.mean(0), obs_std=states.std(0),
+                     action_low=low.astype(np.float32), action_high=high.astype(np.float32),
+                     env_low=env_low, env_high=env_high,
+                     rgb_shape=episodes[0].obs["rgb"].shape[1:] if "rgb" in episodes[0].obs else None)
 
 
 class DemoSamples:

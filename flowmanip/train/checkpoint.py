@@ -30,6 +30,7 @@ import torch
 from flowmanip import __version__
 from flowmanip.config import from_dict, upgrade_checkpoint_config, to_yaml
 from flowmanip.errors import FlowmanipError
+from flowmanip.spec import check_spec
 from flowmanip.utils import atomic_output
 
 FORMAT = 2  # 1 (earlier versions): one pickled policy.pt (+ a pickled training_state.pt)
@@ -362,7 +363,7 @@ def load_checkpoint(path: str, with_training_state: bool = False) -> dict:
     path = resolve_checkpoint(path)
     weights, files = _read_weights(os.path.join(path, WEIGHTS_FILE))
     meta = _read_text_file(path, META_FILE, json.loads, files)
-    spec = _read_text_file(path, SPEC_FILE, json.loads, files)
+    spec = check_spec(_read_text_file(path, SPEC_FILE, json.loads, files), os.path.join(path, SPEC_FILE))
     config = _compat_config(_read_text_file(path, CONFIG_FILE, yaml.safe_load, files))
     ckpt = {"meta": meta, "spec": spec, "config": config,
             "recipe": _recipe_from_config(config, os.path.join(path, CONFIG_FILE)), "weights": weights, "path": path}

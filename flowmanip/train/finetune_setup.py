@@ -9,6 +9,7 @@ import torch
 
 from flowmanip.config import check_finetune_settings
 from flowmanip.errors import FlowmanipError
+from flowmanip.spec import Spec, make_spec
 from flowmanip.train.checkpoint import check_init_matches, load_checkpoint, set_rng_state
 from flowmanip.train.logger import read_metrics
 from flowmanip.utils import check_output_dir
@@ -75,13 +76,11 @@ def check_start(recipe, recipe_path: str, stage_dir: str, resume: bool):
     return episodes, ckpt
 
 
-def scratch_spec(env, obs) -> dict:
+def scratch_spec(env, obs) -> Spec:
     """From scratch: the env's action bounds; observation statistics are set once enough states are in."""
-    d = obs["state"].shape[-1]
-    return {"obs_dim": d, "obs_mean": [0.0] * d, "obs_std": [1.0] * d, "action_dim": int(env.action_low.shape[0]),
-            "action_low": env.action_low.tolist(), "action_high": env.action_high.tolist(),
-            "env_low": env.action_low.tolist(), "env_high": env.action_high.tolist(),
-            "rgb_shape": list(obs["rgb"].shape[1:]) if "rgb" in obs else None}
+    return make_spec(obs_dim=obs["state"].shape[-1], action_low=env.action_low, action_high=env.action_high,
+                     env_low=env.action_low, env_high=env.action_high,
+                     rgb_shape=obs["rgb"].shape[1:] if "rgb" in obs else None)
 
 
 def set_obs_stats(accelerator, buffer, agent, spec, device) -> None:
