@@ -72,3 +72,8 @@ def device_for(device: str):
     if device == "cuda" and not torch.cuda.is_available():
         raise FlowmanipError("device=cuda but CUDA is not available; use device=auto or cpu")
     return torch.device("cuda" if device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def to_device(batch: dict, device) -> dict:
+    """``batch`` with every tensor moved to ``device``, nested dicts (observations) included."""
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}

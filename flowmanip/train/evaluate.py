@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from flowmanip.errors import FlowmanipError
+from flowmanip.utils import to_device
 
 
 def check_env_matches_spec(env, spec: dict, obs: dict, source: str) -> None:
@@ -45,7 +46,7 @@ def evaluate_policy(act, env, episodes: int, horizon: int, execute: int, seed: i
         t = 0
         while t < horizon:
             if device is not None:
-                obs = {k: v.to(device) for k, v in obs.items()}
+                obs = to_device(obs, device)
             actions = act(obs)[:, :execute][:, : horizon - t]
             result = env.step_chunk(actions, auto_reset=False, render=video_dir is not None)
             success_any |= result.success.any(1).cpu()

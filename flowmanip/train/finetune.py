@@ -29,8 +29,8 @@ from flowmanip.train.finetune_setup import (check_start, earlier_evals, log_row,
                                            seed_sampling, set_obs_stats)
 from flowmanip.train.logger import MetricsLogger, plot_curves
 from flowmanip.train.replay import ReplayBuffer
-from flowmanip.train.sampler import BatchSampler, to_device
-from flowmanip.utils import atomic_output, device_for
+from flowmanip.train.sampler import BatchSampler
+from flowmanip.utils import atomic_output, device_for, to_device
 
 def next_multiple(step: int, every: int) -> int:
     """The first multiple of ``every`` after ``step`` (schedules catch up when one loop passes several)."""

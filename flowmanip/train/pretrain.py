@@ -18,7 +18,7 @@ from flowmanip.config import load_recipe, to_yaml
 from flowmanip.data import load_demos
 from flowmanip.models.policy import Policy
 from flowmanip.train.stages import prepare_stage_dir
-from flowmanip.utils import atomic_output, check_output_dir, device_for
+from flowmanip.utils import atomic_output, check_output_dir, device_for, to_device
 
 
 def cosine_lr(step: int, total: int, warmup: int = 500, floor: float = 0.1) -> float:
@@ -83,7 +83,7 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
         actions = policy.scaler.to_normalized(samples.actions.to(device)).reshape(len(samples), -1)
         # a chunk that runs past its episode's end is padded with the last action: no loss there
         action_masks = action_dim_mask(samples.action_mask, spec["action_dim"]).to(device)
-        obs_all = {k: v.to(device) for k, v in samples.obs.items()}
+        obs_all = to_device(samples.obs, device)
         idx_obs = samples.idx_obs.to(device)
         logger = MetricsLogger(stage_dir, recipe, "pretrain", resume_step=start_step if resume else None)
         execute = recipe.policy.execute or recipe.policy.chunk

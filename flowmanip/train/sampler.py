@@ -6,12 +6,7 @@ import torch
 
 from flowmanip.algos.flow_matching import action_dim_mask
 from flowmanip.train.replay import concat_batches
-
-
-def to_device(batch: dict, device) -> dict:
-    """Move a batch (tensors, and obs dicts of tensors) to ``device``."""
-    return {k: ({kk: vv.to(device) for kk, vv in v.items()} if isinstance(v, dict) else v.to(device))
-            for k, v in batch.items()}
+from flowmanip.utils import to_device
 
 
 class BatchSampler:
