@@ -50,8 +50,8 @@ def make_spec(*, obs_dim: int, action_low: Sequence[float], action_high: Sequenc
 
 
 def check_spec(spec: dict, source: str) -> Spec:
-    """``spec`` itself if it is a valid spec, else one error naming ``source`` and what is wrong."""
-    spec.setdefault("rgb_shape", None)  # specs written before image policies
+    """A copy of ``spec`` if it is a valid spec, else one error naming ``source`` and what is wrong."""
+    spec = {"rgb_shape": None, **spec}  # specs written before image policies have no rgb_shape
     missing = [k for k in Spec.__annotations__ if k not in spec]
     if missing:
         raise FlowmanipError(f"{source}: spec lacks {', '.join(missing)}")

@@ -34,7 +34,14 @@ def test_check_spec_names_the_file_and_the_key(change, message):
     with pytest.raises(FlowmanipError, match="^ckpt/spec.json: ") as e:
         check_spec({**good, **change}, "ckpt/spec.json")
     assert message in str(e.value)
-    bare = {k: v for k, v in good.items() if k not in ("obs_mean", "rgb_shape")}
-    with pytest.raises(FlowmanipError, match="spec lacks obs_mean"):
-        check_spec(bare, "ckpt/spec.json")
-    assert check_spec({k: v for k, v in good.items() if k != "rgb_shape"}, "x")["rgb_shape"] is None
+
+
+def test_check_spec_accepts_what_older_checkpoints_hold_and_refuses_missing_keys():
+    good = make_spec(obs_dim=3, action_low=[-1.0, -1.0], action_high=[1.0, 1.0], env_low=[-1.0, -1.0],
+                     env_high=[1.0, 1.0])
+    constant_dim = {**good, "obs_std": [1.0, 0.0, 2.0]}  # data stats of a state entry that never varies
+    assert check_spec(constant_dim, "x") == constant_dim
+    older = {k: v for k, v in good.items() if k != "rgb_shape"}  # written before image policies
+    assert check_spec(older, "x")["rgb_shape"] is None and "rgb_shape" not in older  # the input is not changed
+    with pytest.raises(FlowmanipError, match="^ckpt/spec.json: spec lacks obs_mean$"):
+        check_spec({k: v for k, v in good.items() if k != "obs_mean"}, "ckpt/spec.json")

@@ -136,8 +136,9 @@ def _write_checkpoint(directory: str, meta: dict, spec: dict, recipe, weights: d
     tensors, sets = _weights_tensors(weights)  # before anything is written: weights that are not tensors
     state = _plain(training_state) if training_state is not None else None
     files = {}
-    texts = {CONFIG_FILE: to_yaml(recipe), SPEC_FILE: json.dumps(spec, indent=1, default=_json_default),
-             META_FILE: json.dumps(meta, indent=2)}
+    spec_text = json.dumps(spec, indent=1, default=_json_default)
+    check_spec(json.loads(spec_text), os.path.join(directory, SPEC_FILE))  # what is written must load again
+    texts = {CONFIG_FILE: to_yaml(recipe), SPEC_FILE: spec_text, META_FILE: json.dumps(meta, indent=2)}
     for name, text in texts.items():
         data = text.encode()
         with open(os.path.join(directory, name), "wb") as f:
