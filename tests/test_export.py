@@ -136,6 +136,7 @@ def test_image_policy_parity_at_training_and_camera_resolutions_in_a_torch_only_
         outputs[name] = torch.load(tmp_path / f"{name}_out.pt")
         meta = json.loads(proc.stdout.strip().splitlines()[-1])
     assert meta["obs"]["rgb"]["shape"] == ["B", 32, 32, 3] and meta["obs"]["rgb"]["layout"] == "HWC"
+    assert meta["obs"]["rgb"]["channel_order"] == "RGB"
     assert (meta["rgb_height"], meta["rgb_width"], meta["rgb_channels"]) == (32, 32, 3)
     crop = camera[:, :, 8:56].permute(0, 3, 1, 2).float()
     resized = F.interpolate(crop, size=(32, 32), mode="bilinear", align_corners=False, antialias=True)
@@ -149,6 +150,10 @@ def test_image_policy_parity_at_training_and_camera_resolutions_in_a_torch_only_
                           "p({'rgb': torch.zeros(1, 32, 32, 4, dtype=torch.uint8), 'state': torch.zeros(1, 29)})",
                           str(path)], capture_output=True, text=True)
     assert bad.returncode != 0 and "[B, H, W, 3]" in bad.stderr  # the channel count still has to match
+    tiny = subprocess.run([sys.executable, "-c", "import sys, torch; p = torch.jit.load(sys.argv[1]); "
+                           "p({'rgb': torch.zeros(1, 8, 40, 3, dtype=torch.uint8), 'state': torch.zeros(1, 29)})",
+                           str(path)], capture_output=True, text=True)
+    assert tiny.returncode != 0 and "frames of 8x40 are too small" in tiny.stderr
 
 
 def test_exported_module_rejects_bad_input(state_ckpt, tmp_path):

@@ -121,6 +121,9 @@ class DictPolicy(nn.Module):
         if state.dtype != torch.float32 or state.dim() != 2 or state.size(1) != self.obs_dim:
             raise ValueError("obs['state'] must be float32 with shape [B, " + str(self.obs_dim) + "], got shape "
                              + str(list(state.shape)))
+        if rgb.size(1) < self.rgb_shape[0] // 2 or rgb.size(2) < self.rgb_shape[1] // 2:
+            raise ValueError("obs['rgb'] frames of " + str(rgb.size(1)) + "x" + str(rgb.size(2)) + " are too small: "
+                             + "the policy trained on " + str(self.rgb_shape[0]) + "x" + str(self.rgb_shape[1]))
         rgb = fit_image(rgb, self.rgb_shape[0], self.rgb_shape[1])
         return self.rollout(self.encoder({"rgb": rgb, "state": state}))
 
@@ -134,7 +137,8 @@ def export_metadata(ckpt: dict, stochastic: bool, seed: int, fmt: str) -> dict:
         "stage": meta["stage"], "env_id": meta["env_id"], "control_mode": meta["control_mode"],
         "obs_mode": meta["obs_mode"],
         "obs_dim": spec["obs_dim"],
-        "obs": ({"rgb": {"shape": ["B", *rgb], "dtype": "uint8", "layout": "HWC", "cameras_stacked_on": "C",
+        "obs": ({"rgb": {"shape": ["B", *rgb], "dtype": "uint8", "layout": "HWC", "channel_order": "RGB",
+                         "cameras_stacked_on": "C",
                          "other_sizes": "any H x W: centre crop to the training aspect ratio, antialiased "
                                         f"bilinear resize to {rgb[0]}x{rgb[1]} inside the module"},
                  "state": {"shape": ["B", spec["obs_dim"]], "dtype": "float32"}} if rgb else
