@@ -47,6 +47,7 @@ class DataConfig:
     path: str = "datasets/pickcube/pickcube_pd_ee_delta_pos.h5"  # ManiSkill .h5 (+ .json) or robomimic .hdf5
     max_episodes: Optional[int] = None  # use only the first N episodes (null: all)
     action_margin: float = 0.05  # widen the data's action range by this fraction on each side
+    learn_padding: bool = True  # BC also learns the chunk padding past an episode's end (the last action held); false masks it out
 
 
 @dataclass
@@ -57,8 +58,8 @@ class PolicyConfig:
     execute: int = 0  # actions executed per decision before replanning (0 = all H)
     hidden_dim: int = 512  # velocity MLPs (mlp, gated); 512 fits PickCube far better than 256 (docs/notes/pickcube-pretraining.md)
     num_layers: int = 3  # hidden layers of the velocity MLPs
-    gate_hidden_dim: int = 256  # Flow-G's gate head: width ...
-    gate_layers: int = 1  # ... and hidden layers (a small head, as in the paper's offline-to-online code)
+    gate_hidden_dim: int = 0  # Flow-G's gate MLP: width (0: hidden_dim) ...
+    gate_layers: int = 0  # ... and hidden layers (0: num_layers); 256 x 1 is the paper's small head (docs/design.md)
     decoder_layers: int = 2  # Flow-T
     decoder_heads: int = 4  # Flow-T attention heads (must divide decoder_dim)
     decoder_dim: int = 128  # Flow-T token width
@@ -315,7 +316,7 @@ def check_finetune_settings(r: Recipe, source: str = "<recipe>") -> None:
 POSITIVE = (
     "env.num_envs", "env.num_eval_envs", "env.max_episode_steps", "policy.flow_steps", "policy.chunk",
     "pretrain.batch_size", "finetune.batch_size", "finetune.num_q", "finetune.actor_delay", "finetune.buffer_size",
-    "policy.decoder_memory_tokens", "policy.gate_hidden_dim", "policy.gate_layers", "env.camera_size",
+    "policy.decoder_memory_tokens", "env.camera_size",
     "eval.episodes", "policy.hidden_dim", "policy.num_layers",
     "policy.decoder_layers", "policy.decoder_heads", "policy.decoder_dim", "policy.encoder_dim",
     "policy.cnn_channels", "pretrain.steps", "pretrain.log_every", "pretrain.save_every",
@@ -325,7 +326,7 @@ POSITIVE = (
 NON_NEGATIVE = (
     "finetune.critic_warmup", "finetune.learning_starts", "finetune.random_warmup", "finetune.eval_every",
     "finetune.eval_episodes", "finetune.anchor_weight", "finetune.bc_weight", "finetune.bc_decay_steps",
-    "pretrain.eval_every", "pretrain.eval_episodes", "pretrain.weight_decay",
+    "pretrain.eval_every", "pretrain.eval_episodes", "pretrain.weight_decay", "policy.gate_hidden_dim", "policy.gate_layers",
 )
 RATES = ("policy.residual_scale", "policy.noise_bound", "pretrain.lr", "finetune.lr_actor", "finetune.lr_critic", "finetune.lr_alpha", "finetune.init_alpha")
 

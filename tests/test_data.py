@@ -80,6 +80,11 @@ def test_samples_windows_chunks_rewards_and_next_obs(demo_dir):
     np.testing.assert_array_equal(b["action"][1, 2].numpy(), ep.actions[-1])
     assert b["discount"][1].item() == pytest.approx(gamma ** 2)
     np.testing.assert_array_equal(b["next_obs"]["state"][1].numpy(), ep.obs["state"][T])
+    # data.learn_padding: the same windows, the padding counts as data (what BC learns to do after the end)
+    held = DemoSamples(episodes, H, gamma, learn_padding=True).get(np.array([0, T - 2]))
+    assert held["action_mask"].all()
+    for key in ("action", "reward", "discount"):
+        assert torch.equal(held[key], b[key]), key
     spec = normalization_stats(episodes, -np.ones(4), np.ones(4))
     actions = np.concatenate([e.actions for e in episodes])
     assert np.all(np.array(spec["action_low"]) < actions.min(0)) and np.all(np.array(spec["action_high"]) > actions.max(0))

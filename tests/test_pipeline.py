@@ -261,10 +261,13 @@ def test_finetune_resume_without_buffer_collects_before_updating(demo_dir, tmp_p
     assert resumed[-1][0] >= 1280 and resumed[-1][1] > done  # and it learns again once they are collected
 
 
-def test_pretraining_gets_no_loss_on_the_padding_past_an_episode_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize("learn_padding", [False, True])
+def test_pretraining_masks_the_padding_past_an_episode_end_unless_asked_to_learn_it(tmp_path, monkeypatch,
+                                                                                     learn_padding):
     """In-process, a few pretraining steps on 3 shipped demos: every flow-matching loss the loop computes gets
-    the per-dimension action mask, whose false entries are exactly the chunk steps past an episode's end (the
-    padding that repeats the last action), so BC does not learn to hold the last action."""
+    the per-dimension action mask. With data.learn_padding=false its false entries are exactly the chunk steps
+    past an episode's end (the padding that repeats the last action); with true (the default) it is all true,
+    so BC learns to hold the last action once the demo is over."""
     from flowmanip.models.flow_policy import FlowActor
     from flowmanip.train.pretrain import run_pretrain
 
@@ -279,12 +282,15 @@ def test_pretraining_gets_no_loss_on_the_padding_past_an_episode_end(tmp_path, m
     run_pretrain("recipes/pickcube.yaml", [
         "data.max_episodes=3", f"out_dir={tmp_path}", "pretrain.steps=3", "pretrain.log_every=1",
         "pretrain.eval_every=0", "pretrain.save_every=3", "policy.hidden_dim=32", "env.num_eval_envs=1",
-        "logging.tensorboard=false"])
+        "logging.tensorboard=false", f"data.learn_padding={str(learn_padding).lower()}"])
     assert len(calls) == 3
     padded_rows = 0
     for action, mask in calls:
         assert mask is not None and mask.shape == action.shape == (256, 8 * 4)
         steps = mask.reshape(256, 8, 4)
+        if learn_padding:
+            assert steps.all()
+            continue
         assert steps.all(-1).eq(steps.any(-1)).all()  # whole chunk steps, all 4 action dims alike
         real = steps[:, :, 0]
         n = real.sum(1)
@@ -293,4 +299,4 @@ def test_pretraining_gets_no_loss_on_the_padding_past_an_episode_end(tmp_path, m
         for i in (n < 8).nonzero().flatten().tolist():  # the masked steps are the padding: the last real action
             assert torch.equal(chunks[i, n[i]:], chunks[i, n[i] - 1].expand(8 - int(n[i]), 4))
         padded_rows += int((n < 8).sum())
-    assert padded_rows > 0  # 21 of the ~230 windows of 3 episodes run past the end
+    assert padded_rows > 0 or learn_padding  # 21 of the ~230 windows of 3 episodes run past the end

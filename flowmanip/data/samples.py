@@ -48,9 +48,12 @@ class DemoSamples:
     """All windows of a list of episodes, as CPU tensors; ``sample(batch)`` draws uniformly.
 
     ``ignore_terminations=False`` cuts each episode at its first terminated step (module docstring).
+    ``learn_padding=True`` marks the padding past an episode's end as real (``action_mask`` all True),
+    so that BC learns to hold the last action once the demonstration is over.
     """
 
-    def __init__(self, episodes, chunk: int, gamma: float = 0.99, ignore_terminations: bool = True):
+    def __init__(self, episodes, chunk: int, gamma: float = 0.99, ignore_terminations: bool = True,
+                 learn_padding: bool = False):
         if not episodes:
             raise FlowmanipError("no episodes to train on")
         obs_keys = list(episodes[0].obs.keys())
@@ -69,7 +72,7 @@ class DemoSamples:
             for t in range(T):
                 n = min(chunk, T - t)
                 actions.append(padded[t:t + chunk])
-                masks.append(np.arange(chunk) < n)
+                masks.append(np.arange(chunk) < (chunk if learn_padding else n))
                 rewards.append(float(np.sum(r[t:t + n] * gamma ** np.arange(n))))
                 discounts.append(gamma ** n)
                 # with terminations used, steps [t, t + n) hold a terminated step only if t + n == T

@@ -29,9 +29,9 @@ class GatedVelocity(nn.Module):
 
     A step is then ``A_{k+1} = (1 - dt*g) A_k + dt*g*h``: a GRU-like leaky update whose
     gate bounds how much each step can amplify gradients. The gate's last layer starts
-    at weight 0 and bias 5 (g ~ 0.993). The gate is a small head (``gate_layers`` hidden
-    layers of ``gate_hidden_dim``; one 256-wide layer by default, as in the paper's
-    offline-to-online code), the candidate ``h`` the full MLP.
+    at weight 0 and bias 5 (g ~ 0.993). By default the gate is as deep and wide as the
+    candidate ``h``; a small head (``policy.gate_hidden_dim=256 policy.gate_layers=1``, as in the
+    paper's offline-to-online code) is cheaper but fit PickCube's demos worse (docs/design.md).
     """
 
     def __init__(self, z_dim: int, action_dim: int, chunk: int, hidden_dim: int = 256, num_layers: int = 3,
@@ -97,8 +97,8 @@ def make_velocity(kind: str, z_dim: int, action_dim: int, cfg) -> nn.Module:
     if kind == "mlp":
         return MLPVelocity(z_dim, action_dim, cfg.chunk, cfg.hidden_dim, cfg.num_layers)
     if kind == "gated":
-        return GatedVelocity(z_dim, action_dim, cfg.chunk, cfg.hidden_dim, cfg.num_layers, cfg.gate_hidden_dim,
-                             cfg.gate_layers)
+        return GatedVelocity(z_dim, action_dim, cfg.chunk, cfg.hidden_dim, cfg.num_layers,
+                             cfg.gate_hidden_dim or cfg.hidden_dim, cfg.gate_layers or cfg.num_layers)
     if kind == "decoded":
         return DecodedVelocity(z_dim, action_dim, cfg.chunk, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_heads,
                                cfg.decoder_tokens, cfg.decoder_memory_tokens)

@@ -111,7 +111,8 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
         seed_sampling(recipe.seed, rank, counters["env_steps"], ts["rng"] if resume and is_main else None)
         stats_at = max(cfg.random_warmup, cfg.learning_starts)
 
-        demos = DemoSamples(episodes, H, cfg.gamma, cfg.ignore_terminations) if episodes is not None else None
+        demos = DemoSamples(episodes, H, cfg.gamma, cfg.ignore_terminations,
+                            recipe.data.learn_padding) if episodes is not None else None
         sampler = BatchSampler(buffer, demos, policy.scaler, cfg, device)
         if is_main:
             with atomic_output(os.path.join(stage_dir, "config.yaml")) as tmp, open(tmp, "w") as f:

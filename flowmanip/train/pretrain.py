@@ -79,9 +79,10 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
             scheduler.load_state_dict(ckpt["training_state"]["scheduler"])
             set_rng_state(ckpt["training_state"]["rng"])
 
-        samples = DemoSamples(episodes, recipe.policy.chunk)
+        samples = DemoSamples(episodes, recipe.policy.chunk, learn_padding=recipe.data.learn_padding)
         actions = policy.scaler.to_normalized(samples.actions.to(device)).reshape(len(samples), -1)
         # a chunk that runs past its episode's end is padded with the last action: no loss there
+        # unless data.learn_padding
         action_masks = action_dim_mask(samples.action_mask, spec["action_dim"]).to(device)
         obs_all = to_device(samples.obs, device)
         idx_obs = samples.idx_obs.to(device)
