@@ -1,7 +1,7 @@
 """The ``flowmanip`` command line.
 
-    flowmanip pretrain RECIPE [key=value ...] [--resume]
-    flowmanip finetune RECIPE [key=value ...] [--resume]
+    flowmanip pretrain RECIPE [key=value ...] [--resume | --overwrite]
+    flowmanip finetune RECIPE [key=value ...] [--resume | --overwrite]
     flowmanip eval CKPT [--episodes N] [--stochastic] [--sigma S] [--json] [--per-episode FILE.json]
     flowmanip export CKPT -o policy.pt  (or -o policy.onnx)
     flowmanip convert-checkpoint OLD NEW [--trust]

@@ -25,8 +25,6 @@ from torch import nn
 from flowmanip.models.flow_policy import FlowActor, gaussian_log_prob, tanh_log_det
 from flowmanip.models.layers import mlp
 
-_EDGE = 1.0 - 1e-6  # keeps atanh finite at the bounds
-
 
 class _TanhGaussian(nn.Module):
     """A small tanh-Gaussian head ``[B, in] -> ([B, d] in [-1, 1], log_prob [B])``; starts near 0 with a small std."""
@@ -71,7 +69,8 @@ class ResidualActor(nn.Module):
     def deterministic(self, z: torch.Tensor, a0: Optional[torch.Tensor] = None) -> torch.Tensor:
         base = self._base(z)
         mean, _ = self.residual.stats(torch.cat([z, base], -1))
-        return torch.atanh((base + self.scale * torch.tanh(mean)).clamp(-_EDGE, _EDGE))
+        edge = 1.0 - 1e-6  # keeps atanh finite at the bounds (a local: TorchScript exports cannot read globals)
+        return torch.atanh((base + self.scale * torch.tanh(mean)).clamp(-edge, edge))
 
 
 class NoiseSteeringActor(nn.Module):
