@@ -2,7 +2,8 @@
 //   run_policy policy.pt [camera_height camera_width]
 // A state policy takes a float32 [B, obs_dim] tensor; an image policy a dict {"rgb": uint8 [B, H, W, C],
 // "state": float32 [B, obs_dim]}, where H x W may be the camera's own resolution (the module crops and
-// resizes to what it trained on). This demo feeds zeros of the right shapes.
+// resizes to what it trained on). This demo feeds a zero state and, for image policies, a synthetic frame
+// (pixel value (3 h + 5 w + 7 c) mod 256) in place of a camera's.
 #include <torch/script.h>
 
 #include <cctype>
@@ -44,7 +45,10 @@ int main(int argc, char** argv) {
     const long height = argc == 4 ? std::stol(argv[2]) : json_int(meta, "rgb_height");
     const long width = argc == 4 ? std::stol(argv[3]) : json_int(meta, "rgb_width");
     c10::Dict<std::string, torch::Tensor> obs;
-    obs.insert("rgb", torch::zeros({1, height, width, json_int(meta, "rgb_channels")}, torch::kUInt8));
+    const long channels = json_int(meta, "rgb_channels");
+    torch::Tensor frame = torch::arange(height).view({1, height, 1, 1}) * 3 + torch::arange(width).view({1, 1, width, 1}) * 5 +
+                          torch::arange(channels).view({1, 1, 1, channels}) * 7;
+    obs.insert("rgb", frame.remainder(256).to(torch::kUInt8));
     obs.insert("state", state);
     action = policy.forward({obs}).toTensor();
     std::cout << "rgb input " << height << "x" << width << "\n";
