@@ -144,8 +144,10 @@ def test_image_policy_parity_at_training_and_camera_resolutions_in_a_torch_only_
     with torch.no_grad():
         torch.testing.assert_close(outputs["small"], policy.act({"rgb": small, "state": state}), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(outputs["camera"], policy.act({"rgb": resized, "state": state}), atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(outputs["camera"], policy.act({"rgb": camera[:, 8:40, 16:48], "state": state}),
-                                  atol=1e-4)  # a plain crop is not what the module does
+        # a plain crop is not what the module does: the tiny policy barely looks at the image, but its action
+        # on the plain crop is further from the module's than the 1e-5 the parity above allows
+        plain = policy.act({"rgb": camera[:, 8:40, 16:48], "state": state})
+        assert (outputs["camera"] - plain).abs().max() > 2e-5
     bad = subprocess.run([sys.executable, "-c", "import sys, torch; p = torch.jit.load(sys.argv[1]); "
                           "p({'rgb': torch.zeros(1, 32, 32, 4, dtype=torch.uint8), 'state': torch.zeros(1, 29)})",
                           str(path)], capture_output=True, text=True)
