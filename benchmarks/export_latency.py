@@ -55,8 +55,8 @@ def main():
         recipe = load_recipe(path, ["policy.flow_steps=4", *overrides])
         rgb = recipe.env.obs_mode == "rgb"
         obs_dim = 29 if rgb else 42
-        ones = [1.0] * 4
-        spec = make_spec(obs_dim=obs_dim, action_low=[-1.0] * 4, action_high=ones, env_low=[-1.0] * 4, env_high=ones,
+        low, high = [-1.0] * 4, [1.0] * 4
+        spec = make_spec(obs_dim=obs_dim, action_low=low, action_high=high, env_low=low, env_high=high,
                          rgb_shape=[recipe.env.camera_size, recipe.env.camera_size, 3] if rgb else None)
         policy = Policy(spec, recipe.policy).eval()
         module = (DictPolicy if rgb else StatePolicy)(policy).eval()

@@ -297,9 +297,9 @@ def test_cpp_example_runs_an_image_policy_at_a_camera_resolution(rgb_ckpt, run_p
     with torch.no_grad():
         h, w, c = torch.arange(48).view(1, 48, 1, 1), torch.arange(64).view(1, 1, 64, 1), torch.arange(3).view(1, 1, 1, 3)
         frame = ((3 * h + 5 * w + 7 * c) % 256).to(torch.uint8)  # the C++ example's synthetic frame
-        expected = torch.jit.load(str(path))({"rgb": frame, "state": torch.zeros(1, 29)})[0, 0]
-        flat = torch.jit.load(str(path))({"rgb": torch.zeros(1, 48, 64, 3, dtype=torch.uint8),
-                                          "state": torch.zeros(1, 29)})[0, 0]
+        module = torch.jit.load(str(path))
+        expected = module({"rgb": frame, "state": torch.zeros(1, 29)})[0, 0]
+        flat = module({"rgb": torch.zeros(1, 48, 64, 3, dtype=torch.uint8), "state": torch.zeros(1, 29)})[0, 0]
     # the frame reaches the action: the tiny policy barely looks at it, but by more than the 1e-5 compared below
     assert (expected - flat).abs().max() > 2e-5
     np.testing.assert_allclose(first_action(out.stdout), expected.tolist(), atol=1e-5)

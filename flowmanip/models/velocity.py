@@ -35,11 +35,12 @@ class GatedVelocity(nn.Module):
     """
 
     def __init__(self, z_dim: int, action_dim: int, chunk: int, hidden_dim: int = 256, num_layers: int = 3,
-                 gate_hidden_dim: int = 256, gate_layers: int = 1):
+                 gate_hidden_dim: int = 0, gate_layers: int = 0):
         super().__init__()
         d = action_dim * chunk
         self.time = TimeEmbedding(32)
-        self.gate = mlp(z_dim + d + 32, gate_hidden_dim, d, gate_layers)
+        # 0 follows the candidate (policy.gate_hidden_dim / policy.gate_layers)
+        self.gate = mlp(z_dim + d + 32, gate_hidden_dim or hidden_dim, d, gate_layers or num_layers)
         self.candidate = mlp(z_dim + d + 32, hidden_dim, d, num_layers)
         nn.init.zeros_(self.gate[-1].weight)
         nn.init.constant_(self.gate[-1].bias, 5.0)
@@ -97,8 +98,8 @@ def make_velocity(kind: str, z_dim: int, action_dim: int, cfg) -> nn.Module:
     if kind == "mlp":
         return MLPVelocity(z_dim, action_dim, cfg.chunk, cfg.hidden_dim, cfg.num_layers)
     if kind == "gated":
-        return GatedVelocity(z_dim, action_dim, cfg.chunk, cfg.hidden_dim, cfg.num_layers,
-                             cfg.gate_hidden_dim or cfg.hidden_dim, cfg.gate_layers or cfg.num_layers)
+        return GatedVelocity(z_dim, action_dim, cfg.chunk, cfg.hidden_dim, cfg.num_layers, cfg.gate_hidden_dim,
+                             cfg.gate_layers)
     if kind == "decoded":
         return DecodedVelocity(z_dim, action_dim, cfg.chunk, cfg.decoder_dim, cfg.decoder_layers, cfg.decoder_heads,
                                cfg.decoder_tokens, cfg.decoder_memory_tokens)
