@@ -35,7 +35,7 @@ def run_variant(recipe, variant, seed, steps, out, overrides, scratch, results):
 
     actor = "gaussian" if variant == "gaussian" else "flow"
     velocity = "gated" if variant == "gaussian" else variant
-    common = [f"policy.velocity={velocity}", f"finetune.actor={actor}", f"out_dir={out}", f"seed={seed}", *overrides]
+    common = [f"policy.velocity={velocity}", f"policy.actor={actor}", f"out_dir={out}", f"seed={seed}", *overrides]
     reuse = os.path.join(results, "runs", f"pretrain_{variant}", "pretrain")
     named_init = any(o.startswith("finetune.init=") for o in overrides)  # the caller names the start
     if not scratch and not named_init:

@@ -45,7 +45,7 @@ def main():
     for velocity in args.velocities:
         out = os.path.join(args.results, "runs", f"pretrain_{velocity}")
         start = time.time()
-        actor = ["finetune.actor=gaussian"] if velocity == "gaussian" else [f"policy.velocity={velocity}"]
+        actor = ["policy.actor=gaussian"] if velocity == "gaussian" else [f"policy.velocity={velocity}"]
         run_pretrain(args.recipe, [*actor, f"out_dir={out}", "pretrain.eval_every=0", *args.overrides],
                      overwrite=True)
         train_s = time.time() - start

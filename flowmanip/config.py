@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -25,7 +26,8 @@ CHOICES = {
     "policy.sigma_mode": ("fixed", "learned"),
     "finetune.q_aggregation": ("min", "mean"),
     "finetune.bc_type": ("flow_matching", "action_mse", "none"),
-    "finetune.actor": ("flow", "gaussian", "residual", "noise"),
+    "policy.actor": ("flow", "gaussian", "residual", "noise"),
+    "finetune.compile": ("auto", "off", "on"),
 }
 
 
@@ -52,6 +54,10 @@ class DataConfig:
 
 @dataclass
 class PolicyConfig:
+    # flow (SAC Flow) | gaussian (tanh-Gaussian SAC baseline) | residual (a SAC policy adds a bounded correction
+    # to the frozen flow policy, as Policy Decorator) | noise (SAC picks the frozen flow's initial noise, as DSRL).
+    # gaussian also pretrains a Gaussian policy; residual and noise pretrain a plain flow policy.
+    actor: str = "flow"
     velocity: str = "gated"  # mlp (naive) | gated (Flow-G) | decoded (Flow-T)
     flow_steps: int = 4  # K
     chunk: int = 8  # H: actions predicted per decision
@@ -73,8 +79,8 @@ class PolicyConfig:
     # std of A_0 in the noise-augmented (SAC) rollout: 1 samples N(0, I) as the paper does; 0 starts
     # at A_0 = 0 like the deterministic rollout used for eval, so SAC trains the policy it is scored on
     init_std: float = 1.0
-    residual_scale: float = 0.2  # finetune.actor=residual: bound of the correction, in normalised action units
-    noise_bound: float = 1.5  # finetune.actor=noise: SAC's initial noise A_0 lies in [-noise_bound, noise_bound]^d
+    residual_scale: float = 0.2  # policy.actor=residual: bound of the correction, in normalised action units
+    noise_bound: float = 1.5  # policy.actor=noise: SAC's initial noise A_0 lies in [-noise_bound, noise_bound]^d
     log_sigma_min: float = -5.0  # clamp of the learned head's log sigma
     log_sigma_max: float = 0.0
 
@@ -95,9 +101,6 @@ class PretrainConfig:
 @dataclass
 class FinetuneConfig:
     init: Optional[str] = None  # default: out_dir/pretrain/checkpoints/last; "none" trains from scratch
-    # flow (SAC Flow) | gaussian (tanh-Gaussian SAC) | residual (a SAC policy adds a bounded correction to the
-    # frozen flow policy, as Policy Decorator) | noise (SAC picks the frozen flow's initial noise, as DSRL)
-    actor: str = "flow"
     total_env_steps: int = 50000  # online env steps, all envs and processes together
     learning_starts: int = 1000  # env steps before updates start
     random_warmup: int = 0  # env steps of uniform random actions (from-scratch runs)
@@ -140,6 +143,9 @@ class FinetuneConfig:
     eval_every: int = 10000  # env steps
     eval_episodes: int = 20
     save_every: int = 10000
+    # torch.compile the update's losses: auto = on a GPU (CUDA graphs), off on the CPU, where it does not pay
+    # (docs/results.md#the-learner); on | off force it
+    compile: str = "auto"
     save_buffer: bool = False  # store the replay buffer in checkpoints (large) so resume keeps it
 
 
@@ -200,6 +206,32 @@ def _omegaconf_error(e, source: str, key_hint: str = "?") -> FlowmanipError:
     return FlowmanipError(f"{source}: {where}{str(e).splitlines()[0]}")
 
 
+# settings that moved: old dotted key -> new one. Recipes, overrides and stored checkpoint configs that use the
+# old name still load (recipes and overrides with a one-line notice)
+MOVED = {"finetune.actor": "policy.actor"}
+
+
+def _notice_moved(old: str, source: str) -> None:
+    print(f"flowmanip: {source}: {old} is now {MOVED[old]}; reading it as {MOVED[old]}", file=sys.stderr)
+
+
+def move_legacy_keys(d, source: str | None = None):
+    """Move settings under their old names (``MOVED``) to the new ones in a recipe mapping, in place.
+    ``source``: where the mapping came from, for the notice (None: silent, for checkpoints)."""
+    for old, new in MOVED.items():
+        (old_section, old_name), (new_section, new_name) = old.split("."), new.split(".")
+        section = d.get(old_section)
+        if section is None or old_name not in section:
+            continue
+        value = section.pop(old_name)
+        if new_section not in d or d[new_section] is None:
+            d[new_section] = {}
+        d[new_section].setdefault(new_name, value)
+        if source is not None:
+            _notice_moved(old, source)
+    return d
+
+
 def _recipe_layers(path: str, seen: tuple) -> list:
     """The YAML of ``path`` after that of its ``base:`` recipe (a path relative to the file), recursively."""
     from omegaconf import DictConfig, OmegaConf
@@ -215,6 +247,7 @@ def _recipe_layers(path: str, seen: tuple) -> list:
     if not isinstance(loaded, DictConfig):
         raise FlowmanipError(f"{path}: a recipe maps sections to settings (env:, policy:, ...), "
                              f"got a YAML {type(loaded).__name__.replace('Config', '').lower()}")
+    move_legacy_keys(loaded, path)
     base = loaded.pop("base", None)
     if base is None:
         return [loaded]
@@ -239,6 +272,10 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> Recipe:
     for item in overrides:
         if "=" not in item:
             raise FlowmanipError(f"override '{item}': expected key=value, e.g. pretrain.steps=2000")
+        key, value = item.split("=", 1)
+        if key in MOVED:
+            _notice_moved(key, f"override '{item}'")
+            item = f"{MOVED[key]}={value}"
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as e:
@@ -250,7 +287,7 @@ def load_recipe(path: str | None, overrides: list[str] = ()) -> Recipe:
     validate(recipe, (path or "<recipe>") + (" with overrides" if overrides else ""))
     if recipe.finetune.learn_alpha is None:  # auto: see FinetuneConfig.learn_alpha
         f = recipe.finetune
-        f.learn_alpha = not (f.actor == "flow" and recipe.policy.sigma_mode == "fixed")
+        f.learn_alpha = not (recipe.policy.actor == "flow" and recipe.policy.sigma_mode == "fixed")
     return recipe
 
 
@@ -270,7 +307,7 @@ def flow_entropy_ceiling(policy: PolicyConfig) -> float:
 def check_reachable_entropy(r: Recipe, d: int | None, source: str) -> None:
     """Refuse a learned temperature the fixed-sigma flow can never satisfy (``d``: chunk dim, if known)."""
     p, f = r.policy, r.finetune
-    if f.actor != "flow" or p.sigma_mode != "fixed" or not f.learn_alpha:
+    if p.actor != "flow" or p.sigma_mode != "fixed" or not f.learn_alpha:
         return
     ceiling = flow_entropy_ceiling(p)
     if f.target_entropy is None:
@@ -297,12 +334,12 @@ def check_finetune_settings(r: Recipe, source: str = "<recipe>") -> None:
     policy it scores is not the one it trains.
     """
     p, f = r.policy, r.finetune
-    if f.actor in ("residual", "noise"):
+    if p.actor in ("residual", "noise"):
         if f.bc_weight > 0 and f.bc_type != "none" or f.anchor_weight > 0:
-            raise FlowmanipError(f"{source}: finetune.actor={f.actor} keeps the flow policy frozen, so it has no BC or "
+            raise FlowmanipError(f"{source}: policy.actor={p.actor} keeps the flow policy frozen, so it has no BC or "
                                  "anchor term: set finetune.bc_weight=0 and finetune.anchor_weight=0")
         if f.init is not None and f.init.lower() in ("none", "scratch", ""):
-            raise FlowmanipError(f"{source}: finetune.actor={f.actor} starts from a pretrained flow policy; "
+            raise FlowmanipError(f"{source}: policy.actor={p.actor} starts from a pretrained flow policy; "
                                  "finetune.init=none has none")
     if 0 < p.execute < p.chunk:
         raise FlowmanipError(
@@ -381,6 +418,7 @@ def to_yaml(r: Recipe) -> str:
 def upgrade_checkpoint_config(d: dict) -> dict:
     """A checkpoint's stored recipe, with settings added after it was written set to the values that
     reproduce its weights (their new defaults would build other shapes)."""
+    move_legacy_keys(d)  # finetune.actor before 2026-12-02
     policy = d.setdefault("policy", {})
     policy.setdefault("decoder_tokens", "chunk")  # before 2026-11-26 Flow-T had per-step tokens ...
     policy.setdefault("decoder_memory_tokens", 1)  # ... and one memory token

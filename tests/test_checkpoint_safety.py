@@ -83,7 +83,7 @@ def _legacy_checkpoint(directory, recipe, spec, policy, payload=None, training_s
     meta = {"flowmanip_version": "0.1.0", "stage": "pretrain", "step": 5, "env_id": recipe.env.id,
             "control_mode": recipe.env.control_mode, "obs_mode": recipe.env.obs_mode,
             "reward_mode": recipe.env.reward_mode, "max_episode_steps": recipe.env.max_episode_steps,
-            "velocity": recipe.policy.velocity, "actor": recipe.finetune.actor, "flow_steps": recipe.policy.flow_steps,
+            "velocity": recipe.policy.velocity, "actor": recipe.policy.actor, "flow_steps": recipe.policy.flow_steps,
             "chunk": recipe.policy.chunk, "obs_dim": spec["obs_dim"], "rgb_shape": spec["rgb_shape"],
             "action_dim": spec["action_dim"]}
     ckpt = {"meta": meta, "spec": spec, "config": to_dict(recipe),

@@ -47,12 +47,12 @@ def test_a_learned_temperature_the_fixed_sigma_flow_cannot_reach_is_refused():
     with pytest.raises(FlowmanipError) as err:  # K = 4, sigma = 0.1, A_0 = 0: at most -3.53 nats per dim < -1
         load_recipe(pickcube, ["finetune.learn_alpha=true"])
     assert "finetune.learn_alpha=true with policy.sigma_mode=fixed" in str(err.value) and "-3.53" in str(err.value)
-    for fix in ("policy.sigma_mode=learned", "finetune.actor=gaussian", "policy.sigma=1.0"):
+    for fix in ("policy.sigma_mode=learned", "policy.actor=gaussian", "policy.sigma=1.0"):
         load_recipe(pickcube, ["finetune.learn_alpha=true", fix])  # reachable: no error
     # auto (null, the default; the PickCube recipe says false): learned unless the flow's sigma is fixed
     auto = "finetune.learn_alpha=null"
     assert load_recipe(pickcube, [auto]).finetune.learn_alpha is False
-    assert load_recipe(pickcube, [auto, "finetune.actor=gaussian"]).finetune.learn_alpha is True
+    assert load_recipe(pickcube, [auto, "policy.actor=gaussian"]).finetune.learn_alpha is True
     assert load_recipe(pickcube, [auto, "policy.sigma_mode=learned"]).finetune.learn_alpha is True
     # an explicit target is checked against d = H x action_dim once the env has given the action dim
     r = load_recipe(pickcube, ["finetune.learn_alpha=true", "policy.sigma=1.0", "finetune.target_entropy=-40"])
@@ -230,3 +230,25 @@ def test_finetune_refuses_executing_fewer_actions_than_it_trains_on():
         check_finetune_settings(load_recipe(recipe, [f"policy.execute={execute}"]))
     for path in sorted(glob.glob(os.path.join(REPO, "recipes", "*.yaml"))):  # the shipped recipes fine-tune
         check_finetune_settings(load_recipe(path))
+
+
+def test_the_actor_setting_under_its_old_name_still_loads(tmp_path, capsys):
+    """finetune.actor moved to policy.actor: recipes and overrides with the old name load with a notice, and a
+    stored checkpoint config with it (read through upgrade_checkpoint_config) loads silently."""
+    from flowmanip.config import from_dict, upgrade_checkpoint_config
+
+    old = tmp_path / "old.yaml"
+    old.write_text(f"base: {os.path.join(REPO, 'recipes/pickcube_10demos.yaml')}\n"
+                   "finetune:\n  actor: residual\n  bc_weight: 0\n  anchor_weight: 0\n")
+    assert load_recipe(str(old)).policy.actor == "residual"
+    assert f"{old}: finetune.actor is now policy.actor" in capsys.readouterr().err
+    pickcube = os.path.join(REPO, "recipes/pickcube.yaml")
+    assert load_recipe(pickcube, ["finetune.actor=gaussian"]).policy.actor == "gaussian"
+    assert "override 'finetune.actor=gaussian': finetune.actor is now policy.actor" in capsys.readouterr().err
+    stored = to_dict(load_recipe(pickcube))
+    del stored["policy"]["actor"]  # a checkpoint from before the move has only the old key
+    stored["finetune"]["actor"] = "noise"
+    assert from_dict(upgrade_checkpoint_config(stored)).policy.actor == "noise"
+    assert capsys.readouterr().err == ""
+    with pytest.raises(FlowmanipError, match="policy.actor='bogus' is not one of"):
+        load_recipe(pickcube, ["finetune.actor=bogus"])

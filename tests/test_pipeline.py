@@ -120,7 +120,7 @@ def test_finetune_improves_q_fit(demo_dir, tmp_path):
 def test_gaussian_baseline_pretrain_and_finetune(demo_dir, tmp_path):
     """The Gaussian-SAC baseline: Gaussian behaviour cloning, then the same fine-tune loop from it."""
     data = f"data.path={demo_dir / 'pick_ee.h5'}"
-    gauss = ["finetune.actor=gaussian", f"out_dir={tmp_path}"]
+    gauss = ["policy.actor=gaussian", f"out_dir={tmp_path}"]
     run_cli("pretrain", "recipes/pickcube.yaml", data, *gauss, *TINY_PRETRAIN)
     rows = [r for r in metrics(tmp_path / "pretrain") if "loss" in r]
     assert rows[-1]["loss"] < rows[0]["loss"] - 0.5, [r["loss"] for r in rows]  # NLL per dim falls
@@ -132,7 +132,7 @@ def test_gaussian_baseline_pretrain_and_finetune(demo_dir, tmp_path):
     # a flow fine-tune refuses the Gaussian checkpoint before any env starts
     wrong = run_cli("finetune", "recipes/pickcube.yaml", data, f"out_dir={tmp_path}", *TINY_PRETRAIN[-3:],
                     check=False)
-    assert wrong.returncode != 0 and "init checkpoint has finetune.actor='gaussian'" in wrong.stderr
+    assert wrong.returncode != 0 and "init checkpoint has policy.actor='gaussian'" in wrong.stderr
     run_cli("finetune", "recipes/pickcube.yaml", data, *gauss, *TINY_PRETRAIN[-3:], *TINY_FINETUNE)
     logged = [r for r in metrics(tmp_path / "finetune") if "critic_loss" in r]
     assert logged and "grad_A0" not in logged[-1]  # no flow states to differentiate

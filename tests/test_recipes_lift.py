@@ -30,7 +30,7 @@ def test_lift_recipe_pretrain_then_finetune(tmp_path, recipe, env_id):
 def test_frozen_flow_baselines_finetune_from_a_flow_pretrain(tmp_path, actor):
     recipe = "recipes/pickcube_10demos.yaml"
     run_cli("pretrain", recipe, f"out_dir={tmp_path}", *TINY_PRETRAIN)
-    run_cli("finetune", recipe, f"out_dir={tmp_path}", f"finetune.actor={actor}", "finetune.bc_weight=0",
+    run_cli("finetune", recipe, f"out_dir={tmp_path}", f"policy.actor={actor}", "finetune.bc_weight=0",
             *TINY_PRETRAIN[-3:], *TINY_FINETUNE)
     meta = json.loads((tmp_path / "finetune/checkpoints/last/meta.json").read_text())
     assert meta["actor"] == actor
@@ -46,5 +46,5 @@ def test_frozen_flow_baselines_finetune_from_a_flow_pretrain(tmp_path, actor):
     with torch.no_grad():
         torch.testing.assert_close(module(state), policy.act({"state": state}), atol=1e-5, rtol=1e-5)
     # a BC term cannot train a frozen policy: refused, naming the setting
-    bad = run_cli("finetune", recipe, f"out_dir={tmp_path / 'bad'}", f"finetune.actor={actor}", check=False)
+    bad = run_cli("finetune", recipe, f"out_dir={tmp_path / 'bad'}", f"policy.actor={actor}", check=False)
     assert bad.returncode == 2 and "finetune.bc_weight=0" in bad.stderr

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import shutil
+import unittest.mock
 
 import pytest
 import torch
@@ -447,3 +449,35 @@ def test_full_updates_learn_a_contextual_bandit(velocity):
         q = agent.critic(agent.encoder(held_out["obs"]), held_out["action"]).mean(0)
     r = held_out["reward"]
     assert (q - r).pow(2).mean() < 0.05 * (r - r.mean()).pow(2).mean()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on the CPU generates C++ and needs a compiler")
+def test_compiled_updates_match_eager_updates():
+    """finetune.compile=on runs the losses through torch.compile (CUDA graphs on a GPU, which cannot run here;
+    on the CPU, Inductor's C++ kernels). From the same weights, RNG and batches, three compiled updates (critic,
+    Polyak, actor with BC and anchor, temperature) leave the same parameters as eager ones."""
+    import torch._inductor.config as inductor_config
+
+    torch.manual_seed(0)
+    eager = make_agent(anchor_weight=3.0, anchor_batch_size=4, bc_weight=0.5, learn_alpha=True, lr_actor=1e-2,
+                       lr_critic=1e-2)
+    with torch.no_grad():
+        for p in eager.anchor_actor.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    compiled, start = copy.deepcopy(eager), copy.deepcopy(eager)
+    compiled.compile_losses()
+    b, demo = batch(), {"obs": {"state": torch.randn(6, 5)}, "action": torch.rand(6, 4) * 1.8 - 0.9}
+    infos = []
+    with unittest.mock.patch.object(inductor_config, "fallback_random", True):  # eager's random stream
+        for agent in (eager, compiled):
+            torch.manual_seed(3)
+            infos.append([agent.update(b, demo) for _ in range(3)])
+    assert compiled.compiled and not eager.compiled
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert torch.allclose(p, q, atol=1e-5), name
+    moved = sum(float((p - q).detach().abs().max()) for p, q in zip(eager.parameters(), start.parameters()))
+    assert moved > 0.1  # the updates did change the weights
+    for a, c in zip(infos[0], infos[1]):
+        assert a.keys() == c.keys()
+        assert all(torch.allclose(a[k], c[k], atol=1e-4) for k in a)

@@ -195,7 +195,7 @@ def save_checkpoint(stage_dir: str, step: int, recipe, spec: dict, weights: dict
         "reward_mode": recipe.env.reward_mode, "max_episode_steps": recipe.env.max_episode_steps,
         "velocity": recipe.policy.velocity,
         # residual and noise-steering recipes pretrain a plain flow policy
-        "actor": "flow" if stage == "pretrain" and recipe.finetune.actor in FROZEN_FLOW_ACTORS else recipe.finetune.actor,
+        "actor": "flow" if stage == "pretrain" and recipe.policy.actor in FROZEN_FLOW_ACTORS else recipe.policy.actor,
         "flow_steps": recipe.policy.flow_steps, "chunk": recipe.policy.chunk,
         "obs_dim": spec["obs_dim"], "rgb_shape": spec["rgb_shape"], "action_dim": spec["action_dim"],
         **(extra_meta or {}),
@@ -482,7 +482,7 @@ def check_init_matches(meta: dict, recipe, source: str, obs_dim: int | None, ini
                             ("control_mode", "env.control_mode", recipe.env.control_mode),
                             ("obs_mode", "env.obs_mode", recipe.env.obs_mode),
                             ("chunk", "policy.chunk", recipe.policy.chunk),
-                            ("actor", "finetune.actor", recipe.finetune.actor)):
+                            ("actor", "policy.actor", recipe.policy.actor)):
         have = meta.get(key, "flow" if key == "actor" else None)  # checkpoints before the Gaussian baseline
         if key == "actor" and what == "init checkpoint" and want in FROZEN_FLOW_ACTORS:
             want = "flow"  # residual and noise-steering actors start from a (frozen) flow policy

@@ -23,14 +23,15 @@ from tqdm import tqdm
 from flowmanip.algos.sac_flow import SACFlow
 from flowmanip.config import check_reachable_entropy, load_recipe, to_yaml
 from flowmanip.models.policy import Policy, build_critic
-from flowmanip.train.checkpoint import rng_state, save_checkpoint
 from flowmanip.train.distributed import broadcast_parameters, gradient_averager, max_parameter_drift
-from flowmanip.train.finetune_setup import (check_start, earlier_evals, log_row, mean_sigma, scratch_spec,
-                                           seed_sampling, set_obs_stats)
+from flowmanip.train.finetune_setup import (buffer_capacity, check_start, earlier_evals, evaluate_stage, log_row,
+                                           mean_sigma, restore_training, save_finetune, scratch_spec, seed_sampling,
+                                           set_obs_stats)
 from flowmanip.train.logger import MetricsLogger, plot_curves
 from flowmanip.train.replay import ReplayBuffer
 from flowmanip.train.sampler import BatchSampler
 from flowmanip.utils import atomic_output, device_for, to_device
+
 
 def next_multiple(step: int, every: int) -> int:
     """The first multiple of ``every`` after ``step`` (schedules catch up when one loop passes several)."""
@@ -42,7 +43,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
 
     from flowmanip.data.samples import DemoSamples, normalization_stats
     from flowmanip.envs import make_vector_env, resolve_backend
-    from flowmanip.train.evaluate import check_env_matches_spec, evaluate_policy
+    from flowmanip.train.evaluate import check_env_matches_spec
     from flowmanip.train.stages import prepare_stage_dir
 
     recipe = load_recipe(recipe_path, overrides)
@@ -77,38 +78,23 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             spec = scratch_spec(env, obs)
         check_env_matches_spec(env, spec, obs, ckpt["path"] if ckpt else recipe_path)
 
-        policy = Policy(spec, recipe.policy, cfg.actor).to(device)
+        policy = Policy(spec, recipe.policy, recipe.policy.actor).to(device)
         if ckpt is not None and not resume:
             w = ckpt["weights"]
             policy.load_init(w.get("policy_ema", w["policy"]))
-            if cfg.actor == "flow":  # the noise is a fine-tune setting: this recipe's, not the init's
+            if recipe.policy.actor == "flow":  # the noise is a fine-tune setting: this recipe's, not the init's
                 policy.actor.reset_sigma(recipe.policy.sigma)
         check_reachable_entropy(recipe, policy.actor.dim, recipe_path)  # an explicit target needs d
         critic = build_critic(policy.encoder.out_dim, spec, recipe.policy, cfg).to(device)
         agent = SACFlow(policy, critic, cfg, grad_sync=gradient_averager(accelerator)).to(device)
+        if cfg.compile == "on" or cfg.compile == "auto" and device.type == "cuda":
+            agent.compile_losses()
         broadcast_parameters(accelerator, agent)
 
-        # one transition per decision: at most total/H full chunks plus one short chunk per episode, per process
-        per_rank = -(-cfg.total_env_steps // world)
-        decisions = -(-per_rank // H) + -(-per_rank // recipe.env.max_episode_steps) + 2 * recipe.env.num_envs
-        buffer = ReplayBuffer(min(cfg.buffer_size, decisions), obs, policy.actor.dim, env.device)
+        buffer = ReplayBuffer(buffer_capacity(recipe, world), obs, policy.actor.dim, env.device)
         counters = {"env_steps": 0, "update_budget": 0.0, "obs_stats_set": ckpt is not None or episodes is not None}
-        learn_from = cfg.learning_starts
-        if resume:
-            agent.load_state_dict(ckpt["weights"]["agent"])
-            ts = ckpt["training_state"]
-            counters.update(ts["counters"])
-            agent.load_training_state(ts["agent"] if "agent" in ts else {**ts, "updates": ts["counters"]["updates"]})
-            if "buffer" in ts:
-                buffer.load_state_dict(ts["buffer"])
-            else:  # collect learning_starts env steps again before updating, so that the first
-                # updates do not replay a handful of transitions over and over
-                learn_from = counters["env_steps"] + cfg.learning_starts
-                if is_main:
-                    print(f"resuming at env step {counters['env_steps']} with an empty replay buffer (the run was "
-                          f"saved with finetune.save_buffer=false): updates restart after {cfg.learning_starts} "
-                          "new env steps (finetune.learning_starts)", file=sys.stderr)
-        seed_sampling(recipe.seed, rank, counters["env_steps"], ts["rng"] if resume and is_main else None)
+        learn_from = restore_training(agent, buffer, counters, ckpt, cfg, is_main) if resume else cfg.learning_starts
+        seed_sampling(recipe.seed, rank, counters["env_steps"], ckpt["training_state"]["rng"] if resume and is_main else None)
         stats_at = max(cfg.random_warmup, cfg.learning_starts)
 
         demos = DemoSamples(episodes, H, cfg.gamma, cfg.ignore_terminations,
@@ -118,15 +104,6 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
             with atomic_output(os.path.join(stage_dir, "config.yaml")) as tmp, open(tmp, "w") as f:
                 f.write(to_yaml(recipe))
             logger = MetricsLogger(stage_dir, recipe, "finetune", resume_step=counters["env_steps"] if resume else None)
-
-        def save():
-            counters["updates"] = agent.updates
-            state = {"agent": agent.training_state(), "counters": dict(counters), "rng": rng_state()}
-            if cfg.save_buffer:
-                state["buffer"] = buffer.state_dict()
-            save_checkpoint(stage_dir, counters["env_steps"], recipe, spec,
-                            {"policy": policy.state_dict(), "agent": agent.state_dict()}, state, "finetune",
-                            {"init": ckpt["path"] if ckpt is not None and not resume else None})
 
         t0 = time.time()
         # only the main rank has a logger, which cut metrics.jsonl back to the checkpoint when it was made
@@ -140,10 +117,7 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
         steps_at_start, updates_at_start = counters["env_steps"], agent.updates
         while True:
             if is_main and counters["env_steps"] >= next_eval:
-                policy.eval()
-                result = evaluate_policy(policy.act, eval_env, cfg.eval_episodes, recipe.env.max_episode_steps,
-                                         recipe.policy.execute or H, seed=recipe.eval.seed, device=device)
-                policy.train()
+                result = evaluate_stage(policy, eval_env, recipe, device)
                 history.append({"env_steps": counters["env_steps"], "time_s": round(time.time() - t0, 1), **result})
                 logger.log(counters["env_steps"], {f"eval/{k}": v for k, v in result.items()})
                 bar.write(f"env step {counters['env_steps']}: success_once={result['success_once']:.3f} "
@@ -199,14 +173,14 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
                 next_log = next_multiple(counters["env_steps"], cfg.log_every)
             if counters["env_steps"] >= next_save:
                 if is_main:
-                    save()
+                    save_finetune(stage_dir, recipe, spec, agent, buffer, counters, ckpt, resume)
                 next_save = next_multiple(counters["env_steps"], cfg.save_every)
         bar.close()
         summary = {"env_steps": counters["env_steps"], "updates": agent.updates, "world_size": world,
                    "param_max_abs_diff_across_ranks": max_parameter_drift(accelerator, agent, device),
                    "time_s": time.time() - t0, "final_eval": history[-1] if history else None, "evals": history}
         if is_main:
-            save()
+            save_finetune(stage_dir, recipe, spec, agent, buffer, counters, ckpt, resume)
             with atomic_output(os.path.join(stage_dir, "summary.json")) as tmp, open(tmp, "w") as f:
                 json.dump(summary, f, indent=2)
             plot_curves(logger.path, os.path.join(stage_dir, "learning_curve.png"),

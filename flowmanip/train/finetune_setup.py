@@ -1,16 +1,18 @@
-"""What a fine-tune starts from, checked before any env starts; and the small pieces the loop reads
-(the observation normaliser of a from-scratch run, earlier evaluations on resume, the logged noise scale)."""
+"""What a fine-tune starts from, checked before any env starts; and the small pieces the loop calls
+(resume, the observation normaliser of a from-scratch run, earlier evaluations on resume, the logged
+noise scale, evaluation, checkpoints)."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
 from flowmanip.config import check_finetune_settings
 from flowmanip.errors import FlowmanipError
 from flowmanip.spec import Spec, make_spec
-from flowmanip.train.checkpoint import check_init_matches, load_checkpoint, set_rng_state
+from flowmanip.train.checkpoint import check_init_matches, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from flowmanip.train.logger import read_metrics
 from flowmanip.utils import check_output_dir
 
@@ -76,6 +78,34 @@ def check_start(recipe, recipe_path: str, stage_dir: str, resume: bool):
     return episodes, ckpt
 
 
+def buffer_capacity(recipe, world: int) -> int:
+    """Replay slots per process: one transition per decision, so at most total/H full chunks plus one short
+    chunk per episode, and a margin of two chunks per env (capped at ``finetune.buffer_size``)."""
+    per_rank = -(-recipe.finetune.total_env_steps // world)
+    decisions = (-(-per_rank // recipe.policy.chunk) + -(-per_rank // recipe.env.max_episode_steps)
+                 + 2 * recipe.env.num_envs)
+    return min(recipe.finetune.buffer_size, decisions)
+
+
+def restore_training(agent, buffer, counters: dict, ckpt, cfg, is_main: bool) -> int:
+    """Resume: the learner's weights and optimisers, the loop's counters and (if saved) the replay buffer.
+    Returns the env step updates start at again."""
+    agent.load_state_dict(ckpt["weights"]["agent"])
+    ts = ckpt["training_state"]
+    counters.update(ts["counters"])
+    agent.load_training_state(ts["agent"] if "agent" in ts else {**ts, "updates": ts["counters"]["updates"]})
+    if "buffer" in ts:
+        buffer.load_state_dict(ts["buffer"])
+        return cfg.learning_starts
+    # collect learning_starts env steps again before updating, so that the first updates do not replay a
+    # handful of transitions over and over
+    if is_main:
+        print(f"resuming at env step {counters['env_steps']} with an empty replay buffer (the run was saved with "
+              f"finetune.save_buffer=false): updates restart after {cfg.learning_starts} new env steps "
+              "(finetune.learning_starts)", file=sys.stderr)
+    return counters["env_steps"] + cfg.learning_starts
+
+
 def scratch_spec(env, obs) -> Spec:
     """From scratch: the env's action bounds; observation statistics are set once enough states are in."""
     return make_spec(obs_dim=obs["state"].shape[-1], action_low=env.action_low, action_high=env.action_high,
@@ -122,3 +152,26 @@ def seed_sampling(seed: int, rank: int, env_steps: int, saved_rng: dict | None =
         set_rng_state(saved_rng)
     else:
         torch.manual_seed(seed + 1000 * rank + env_steps)
+
+
+def save_finetune(stage_dir, recipe, spec, agent, buffer, counters: dict, ckpt, resume: bool) -> None:
+    """A checkpoint at the current env step: weights, optimisers, counters, RNG (and the buffer if asked)."""
+    counters["updates"] = agent.updates
+    state = {"agent": agent.training_state(), "counters": dict(counters), "rng": rng_state()}
+    if recipe.finetune.save_buffer:
+        state["buffer"] = buffer.state_dict()
+    save_checkpoint(stage_dir, counters["env_steps"], recipe, spec,
+                    {"policy": agent.policy.state_dict(), "agent": agent.state_dict()}, state, "finetune",
+                    {"init": ckpt["path"] if ckpt is not None and not resume else None})
+
+
+def evaluate_stage(policy, eval_env, recipe, device) -> dict:
+    """The deterministic policy over ``finetune.eval_episodes`` episodes from the recipe's eval seeds."""
+    from flowmanip.train.evaluate import evaluate_policy
+
+    policy.eval()
+    try:
+        return evaluate_policy(policy.act, eval_env, recipe.finetune.eval_episodes, recipe.env.max_episode_steps,
+                               recipe.policy.execute or recipe.policy.chunk, seed=recipe.eval.seed, device=device)
+    finally:
+        policy.train()

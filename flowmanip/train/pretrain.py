@@ -65,9 +65,9 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
         with atomic_output(os.path.join(stage_dir, "config.yaml")) as tmp, open(tmp, "w") as f:
             f.write(to_yaml(recipe))
 
-        # finetune.actor=gaussian pretrains the Gaussian SAC baseline by Gaussian behaviour cloning
+        # policy.actor=gaussian pretrains the Gaussian SAC baseline by Gaussian behaviour cloning
         # (residual and noise-steering fine-tunes start from a flow policy)
-        actor = "gaussian" if recipe.finetune.actor == "gaussian" else "flow"
+        actor = "gaussian" if recipe.policy.actor == "gaussian" else "flow"
         policy = Policy(spec, recipe.policy, actor).to(device)
         ema_policy = copy.deepcopy(policy).eval()
         optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
