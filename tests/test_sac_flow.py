@@ -472,12 +472,13 @@ def test_compiled_updates_match_eager_updates():
     with unittest.mock.patch.object(inductor_config, "fallback_random", True):  # eager's random stream
         for agent in (eager, compiled):
             torch.manual_seed(3)
-            infos.append([agent.update(b, demo) for _ in range(3)])
+            infos.append([agent.update(b, demo, diagnose=i == 2) for i in range(3)])
     assert compiled.compiled and not eager.compiled
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         assert torch.allclose(p, q, atol=1e-5), name
     moved = sum(float((p - q).detach().abs().max()) for p, q in zip(eager.parameters(), start.parameters()))
     assert moved > 0.1  # the updates did change the weights
+    assert infos[1][2]["grad_A1"] > 0  # the diagnostic update's per-flow-state gradients are there
     for a, c in zip(infos[0], infos[1]):
         assert a.keys() == c.keys()
-        assert all(torch.allclose(a[k], c[k], atol=1e-4) for k in a)
+        assert all(torch.allclose(torch.as_tensor(a[k]), torch.as_tensor(c[k]), atol=1e-4) for k in a), (a, c)

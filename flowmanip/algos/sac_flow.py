@@ -126,8 +126,11 @@ class SACFlow(nn.Module):
         if critic_only or self.updates % self.cfg.actor_delay:
             return self._own(info)
 
-        loss, actor_info, states = self._actor_loss(batch, demo_batch, bc_weight_at(self.cfg, self.updates),
-                                                   keep_states=diagnose)
+        # the per-flow-state gradients need the rollout's states inside the autograd graph, which a compiled
+        # loss hides (it is one node): diagnostic updates, one per log row, run eagerly
+        actor_loss = self.actor_loss if diagnose else self._actor_loss
+        loss, actor_info, states = actor_loss(batch, demo_batch, bc_weight_at(self.cfg, self.updates),
+                                              keep_states=diagnose)
         if diagnose:
             for k, g in enumerate(flow_state_grad_norms(loss, states)):
                 actor_info[f"grad_A{k}"] = g
