@@ -143,9 +143,10 @@ class FinetuneConfig:
     eval_every: int = 10000  # env steps
     eval_episodes: int = 20
     save_every: int = 10000
-    # torch.compile the update's losses: auto = on a GPU (CUDA graphs), off on the CPU, where it does not pay
-    # (docs/results.md#the-learner); on | off force it
-    compile: str = "auto"
+    # torch.compile the update's losses: on | off | auto (on when the networks train on a GPU, with CUDA graphs;
+    # off on the CPU, where it does not pay: docs/results.md#fine-tune-loop-throughput). The default is off
+    # until compiled updates have been measured on a GPU
+    compile: str = "off"
     save_buffer: bool = False  # store the replay buffer in checkpoints (large) so resume keeps it
 
 
