@@ -26,9 +26,10 @@ CHOICES = {
     "policy.sigma_mode": ("fixed", "learned"),
     "finetune.q_aggregation": ("min", "mean"),
     "finetune.bc_type": ("flow_matching", "action_mse", "none"),
-    "policy.actor": ("flow", "gaussian", "residual", "noise"),
+    "policy.actor": ("flow", "gaussian", "residual", "noise"),  # the last two: FROZEN_FLOW_ACTORS
     "finetune.compile": ("auto", "off", "on"),
 }
+FROZEN_FLOW_ACTORS = ("residual", "noise")  # policy.actor values that train a SAC policy beside a frozen flow
 
 
 @dataclass
@@ -335,7 +336,7 @@ def check_finetune_settings(r: Recipe, source: str = "<recipe>") -> None:
     policy it scores is not the one it trains.
     """
     p, f = r.policy, r.finetune
-    if p.actor in ("residual", "noise"):
+    if p.actor in FROZEN_FLOW_ACTORS:
         if f.bc_weight > 0 and f.bc_type != "none" or f.anchor_weight > 0:
             raise FlowmanipError(f"{source}: policy.actor={p.actor} keeps the flow policy frozen, so it has no BC or "
                                  "anchor term: set finetune.bc_weight=0 and finetune.anchor_weight=0")

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from flowmanip import __version__
-from flowmanip.config import from_dict, upgrade_checkpoint_config, to_yaml
+from flowmanip.config import FROZEN_FLOW_ACTORS, from_dict, upgrade_checkpoint_config, to_yaml
 from flowmanip.errors import FlowmanipError
 from flowmanip.spec import check_spec
 from flowmanip.utils import atomic_output
@@ -469,9 +469,6 @@ def architecture_keys(policy_cfg, actor: str, rgb: bool) -> list[str]:
     else:
         keys += ["encoder"] + (["encoder_dim"] if policy_cfg.encoder != "identity" else [])
     return keys
-
-
-FROZEN_FLOW_ACTORS = ("residual", "noise")
 
 
 def check_init_matches(meta: dict, recipe, source: str, obs_dim: int | None, init_policy,
