@@ -51,6 +51,7 @@ class DataConfig:
     max_episodes: Optional[int] = None  # use only the first N episodes (null: all)
     action_margin: float = 0.05  # widen the data's action range by this fraction on each side
     learn_padding: bool = True  # BC also learns the chunk padding past an episode's end (the last action held); false masks it out
+    random_shift: int = 0  # rgb only: shift training images by up to this many pixels (pretrain and fine-tune batches); 0 = off
 
 
 @dataclass
@@ -388,6 +389,8 @@ def validate(r: Recipe, source: str) -> None:
     for key, value in positive:
         if value < 1:
             raise FlowmanipError(f"{source}: {key} must be >= 1, got {value}")
+    if r.data is not None and r.data.random_shift < 0:
+        raise FlowmanipError(f"{source}: data.random_shift must be >= 0 (0 turns it off), got {r.data.random_shift}")
     for key in NON_NEGATIVE:
         if _value(r, key) < 0:
             raise FlowmanipError(f"{source}: {key} must be >= 0 (0 turns it off), got {_value(r, key)}")

@@ -99,7 +99,8 @@ def run_finetune(recipe_path: str, overrides: list[str], resume: bool = False, o
 
         demos = DemoSamples(episodes, H, cfg.gamma, cfg.ignore_terminations,
                             recipe.data.learn_padding) if episodes is not None else None
-        sampler = BatchSampler(buffer, demos, policy.scaler, cfg, device)
+        sampler = BatchSampler(buffer, demos, policy.scaler, cfg, device,
+                               recipe.data.random_shift if recipe.data is not None else 0)
         if is_main:
             with atomic_output(os.path.join(stage_dir, "config.yaml")) as tmp, open(tmp, "w") as f:
                 f.write(to_yaml(recipe))

@@ -30,6 +30,7 @@ def cosine_lr(step: int, total: int, warmup: int = 500, floor: float = 0.1) -> f
 
 def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overwrite: bool = False) -> dict:
     from flowmanip.algos.flow_matching import action_dim_mask
+    from flowmanip.data.augment import augment_obs
     from flowmanip.data.samples import DemoSamples, normalization_stats
     from flowmanip.envs import make_vector_env
     from flowmanip.train.checkpoint import (check_init_matches, load_checkpoint, rng_state, save_checkpoint,
@@ -106,7 +107,7 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
                    dynamic_ncols=True)
         for step in bar:
             idx = torch.randint(len(samples), (cfg.batch_size,), device=device)
-            obs = {k: v[idx_obs[idx]] for k, v in obs_all.items()}
+            obs = augment_obs({k: v[idx_obs[idx]] for k, v in obs_all.items()}, recipe.data.random_shift)
             loss = policy.actor.flow_matching_loss(policy.encoder(obs), actions[idx], action_masks[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

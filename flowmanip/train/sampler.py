@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from flowmanip.algos.flow_matching import action_dim_mask
+from flowmanip.data.augment import augment_obs
 from flowmanip.train.replay import concat_batches
 from flowmanip.utils import to_device
 
@@ -17,8 +18,9 @@ class BatchSampler:
     the CPU until drawn; batches come back on ``device``.
     """
 
-    def __init__(self, buffer, demos, scaler, cfg, device):
+    def __init__(self, buffer, demos, scaler, cfg, device, random_shift: int = 0):
         self.buffer, self.demos, self.cfg, self.device = buffer, demos, cfg, device
+        self.random_shift = random_shift  # rgb augmentation of obs and next_obs (data.random_shift)
         self.demo_actions = None
         if demos is not None:
             with torch.no_grad():
@@ -28,7 +30,16 @@ class BatchSampler:
     def has_demos(self) -> bool:
         return self.demos is not None
 
+    def augment(self, b: dict) -> dict:
+        for key in ("obs", "next_obs"):
+            if key in b:
+                b[key] = augment_obs(b[key], self.random_shift)
+        return b
+
     def demo_batch(self, n: int) -> dict:
+        return self.augment(self.raw_demo_batch(n))
+
+    def raw_demo_batch(self, n: int) -> dict:
         idx = torch.randint(len(self.demos), (n,))
         b = self.demos.get(idx)
         b["action"] = self.demo_actions[idx]
@@ -47,4 +58,4 @@ class BatchSampler:
     def batch(self) -> dict:
         n_demo = self.num_demo()
         online = to_device(self.buffer.sample(self.cfg.batch_size - n_demo), self.device)
-        return online if n_demo == 0 else concat_batches(online, self.demo_batch(n_demo))
+        return self.augment(online if n_demo == 0 else concat_batches(online, self.raw_demo_batch(n_demo)))

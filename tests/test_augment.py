@@ -1,0 +1,54 @@
+"""Random-shift augmentation against an independent computation: edge padding, then a crop."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flowmanip.config import load_recipe
+from flowmanip.data.augment import augment_obs, random_shift, shift_images
+from flowmanip.errors import FlowmanipError
+
+
+def reference_shift(images, dy, dx, pad):
+    """Pad every side by ``pad`` with the edge values, then crop the window moved by (dy, dx)."""
+    h, w = images.shape[1:3]
+    padded = F.pad(images.permute(0, 3, 1, 2).float(), (pad, pad, pad, pad), mode="replicate")
+    crops = [padded[i, :, pad - int(dy[i]):pad - int(dy[i]) + h, pad - int(dx[i]):pad - int(dx[i]) + w]
+             for i in range(images.shape[0])]
+    return torch.stack(crops).permute(0, 2, 3, 1).to(images.dtype)
+
+
+def test_shift_matches_pad_and_crop():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (6, 9, 7, 3), generator=g, dtype=torch.uint8)
+    dy = torch.tensor([0, 1, -1, 4, -4, 2])
+    dx = torch.tensor([0, -3, 2, 4, -4, 0])
+    out = shift_images(images, dy, dx)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert torch.equal(out, reference_shift(images, dy, dx, pad=4))
+    assert torch.equal(out[0], images[0])  # no shift, no change
+    assert torch.equal(out[1, 1:, :4], images[1, :-1, 3:])  # down 1, left 3: the moved part is the image itself
+
+
+def test_random_shift_stays_in_range_and_varies():
+    images = torch.arange(64 * 64, dtype=torch.int64).reshape(1, 64, 64, 1).repeat(32, 1, 1, 1)
+    out = random_shift(images, 4, torch.Generator().manual_seed(1))
+    centre_moves = out[:, 32, 32, 0] - images[:, 32, 32, 0]  # = -(64 dy + dx) for |shift| <= 4
+    dy, dx = -torch.round(centre_moves / 64.0), None
+    dx = -(centre_moves + 64 * dy)
+    assert dy.abs().max() <= 4 and dx.abs().max() <= 4
+    assert len(set(centre_moves.tolist())) > 5  # images move independently
+    assert random_shift(images, 0) is images
+
+
+def test_augment_obs_leaves_state_and_input_alone():
+    obs = {"rgb": torch.randint(0, 256, (4, 8, 8, 3), dtype=torch.uint8), "state": torch.randn(4, 5)}
+    torch.manual_seed(0)
+    out = augment_obs(obs, 2)
+    assert out["state"] is obs["state"] and out["rgb"] is not obs["rgb"]
+    assert augment_obs({"state": obs["state"]}, 2)["state"] is obs["state"]
+
+
+def test_negative_shift_is_a_clear_error():
+    with pytest.raises(FlowmanipError, match="data.random_shift"):
+        load_recipe("recipes/pickcube_rgb.yaml", ["data.random_shift=-1"])
