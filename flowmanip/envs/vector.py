@@ -140,6 +140,19 @@ def render_kwargs() -> dict:
     return {} if torch.cuda.is_available() else {"render_backend": "sapien_cpu"}
 
 
+def with_camera_view(frame: np.ndarray, rgb: np.ndarray | None) -> np.ndarray:
+    """A video frame: the render view ``[H, W, 3]``, and right of it each camera image of an rgb obs
+    (``[h, w, 3 * cameras]``, what the policy sees) scaled to height H by nearest neighbour."""
+    if rgb is None:
+        return frame
+    height = frame.shape[0]
+    width = max(1, round(rgb.shape[1] * height / rgb.shape[0]))
+    rows = np.arange(height) * rgb.shape[0] // height
+    cols = np.arange(width) * rgb.shape[1] // width
+    cams = [rgb[rows][:, cols, c:c + 3] for c in range(0, rgb.shape[2], 3)]
+    return np.concatenate([frame, *[c.astype(frame.dtype) for c in cams]], axis=1)
+
+
 def obs_to_numpy(raw) -> dict:
     """Raw ManiSkill obs (batch of 1 on the CPU) to ``{"state": [D], "rgb"?: [H, W, C]}``."""
     from flowmanip.data.maniskill_io import flatten_obs_tree
@@ -200,7 +213,7 @@ def _worker(remote, env_id: str, kwargs: dict):
                 step_reward[i], success[i] = float(r_i[0]), bool(s_i[0])
                 state["obs"] = obs_to_numpy(raw)
                 if render:
-                    frames.append(_np(env.render())[0])
+                    frames.append(with_camera_view(_np(env.render())[0], state["obs"].get("rgb")))
                 if not tally.alive[0]:
                     break
             final_obs = state["obs"]
@@ -369,7 +382,9 @@ class GpuVectorEnv:
             # the obs after each env's last counted step (the first step counts for every env)
             final_obs = obs if final_obs is None else where_obs(counted, obs, final_obs)
             if render:
-                frames.append(self.env.render().cpu().numpy())
+                view = self.env.render().cpu().numpy()
+                cams = obs["rgb"].cpu().numpy() if "rgb" in obs else [None] * N
+                frames.append(np.stack([with_camera_view(view[j], cams[j]) for j in range(N)]))
         done, episodes, self.stats = finish_chunk(tally, auto_reset)
         next_obs = final_obs
         if done.any():
