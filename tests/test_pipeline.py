@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import imageio
 import pytest
 import torch
 
@@ -147,6 +148,10 @@ def test_rgb_recipe_pretrain_and_finetune(rgb_demo, tmp_path):
             "policy.hidden_dim=32", "policy.encoder_dim=32")
     meta = json.loads((tmp_path / "pretrain/checkpoints/last/meta.json").read_text())
     assert meta["rgb_shape"] == [32, 32, 3] and meta["obs_dim"] == 29
+    # the video shows the (square) render view and, right of it, the 32x32 camera image scaled to its height
+    run_cli("eval", tmp_path / "pretrain", "--episodes", 1, "--num-envs", 1, "--video", tmp_path / "videos")
+    frames = imageio.v3.imread(tmp_path / "videos/seed0.mp4")
+    assert frames.ndim == 4 and frames.shape[2] == 2 * frames.shape[1], frames.shape
     run_cli("finetune", "recipes/pickcube_rgb.yaml", *common, "policy.hidden_dim=32", "policy.encoder_dim=32",
             "finetune.total_env_steps=64", "finetune.learning_starts=32", "finetune.batch_size=16",
             "finetune.critic_warmup=0", "finetune.log_every=32", "finetune.eval_every=64", "finetune.eval_episodes=1",
