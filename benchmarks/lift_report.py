@@ -81,9 +81,11 @@ def group_row(label: str, group: list) -> dict:
         vals = [run["final"][s] for run in group if s in run["final"]]
         once, end = [v["success_once"] for v in vals], [v["success_at_end"] for v in vals]
         row[f"seed{s}"] = (f"{sum(once) / len(once):.2f} ({min(once):.2f}-{max(once):.2f}) / "
-                           f"{sum(end) / len(end):.2f} ({min(end):.2f}-{max(end):.2f})")
+                           f"{sum(end) / len(end):.2f} ({min(end):.2f}-{max(end):.2f})"
+                           + ("" if len(vals) == len(group) else f" [{len(vals)} runs]"))
     times = [run["time_s"] for run in group if run.get("time_s")]
-    row["wall_s"] = round(sum(times) / len(times)) if times else "running"
+    row["wall_s"] = (round(sum(times) / len(times)) if times else "running") if len(times) == len(group) else (
+        f"{round(sum(times) / len(times))} [{len(times)} done]" if times else "running")
     return row
 
 
@@ -113,12 +115,18 @@ def main() -> None:
         label, _, stage_dir = spec.partition("=")
         if not stage_dir:
             ap.error(f"--run {spec!r}: expected LABEL=STAGE_DIR")
+        # a run already in the --previous report is replaced, not counted twice
+        runs = [r for r in runs if os.path.normpath(r["stage_dir"]) != os.path.normpath(stage_dir)]
         runs.append(load_run(label, stage_dir))
     groups = {}
     for run in runs:
         if "curve" in run:
             groups.setdefault(run["label"], []).append(run)
     rows = [run_row(run) for run in runs]
+    for row, run in zip(rows, runs):  # tell the seeds of one method apart
+        if len(groups.get(run["label"], [])) > 1:
+            row["method"] += f" ({run['stage_dir']})"
+
     rows += [group_row(label, group) for label, group in groups.items() if len(group) > 1]
     columns = ["method", "env_steps", "best_during", "wall_s"] + sorted(
         {k for r in rows for k in r if k.startswith("seed")}, key=lambda k: int(k[4:]))
@@ -137,16 +145,18 @@ def main() -> None:
     if bc and bc["final"]:
         ax.axhline(next(iter(bc["final"].values()))["success_once"], color="gray", ls="--", label="BC only")
     for label, group in groups.items():
-        curves = [{r["env_steps"]: r["success_once"] for r in run["curve"]} for run in group if run["curve"]]
+        curves = [[(r["env_steps"], r["success_once"]) for r in run["curve"]] for run in group if run["curve"]]
         if not curves:
             continue
-        steps = sorted(set.intersection(*(set(c) for c in curves)))  # a run in progress stops the shared curve early
-        mean = [sum(c[x] for c in curves) / len(curves) for x in steps]
+        # the i-th evaluation of every run (their step counts differ by a chunk or so); a run in progress
+        # stops the shared curve at its last evaluation
+        n = min(len(c) for c in curves)
+        steps = [sum(c[i][0] for c in curves) / len(curves) for i in range(n)]
+        values = [[c[i][1] for c in curves] for i in range(n)]
         text = label if len(curves) == 1 else f"{label} (mean, min-max of {len(curves)})"
-        line, = ax.plot(steps, mean, marker="o", ms=3, label=text)
+        line, = ax.plot(steps, [sum(v) / len(v) for v in values], marker="o", ms=3, label=text)
         if len(curves) > 1:
-            ax.fill_between(steps, [min(c[x] for c in curves) for x in steps],
-                            [max(c[x] for c in curves) for x in steps], color=line.get_color(), alpha=0.2)
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
     png = os.path.join(args.results_dir, f"{args.name}.png")
     save_success_plot(fig, ax, png, args.title or args.name, legend_size=8)
     print(f"wrote {png}")

@@ -25,8 +25,9 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator | No
     if pad <= 0:
         return images
     b = images.shape[0]
-    dy = torch.randint(-pad, pad + 1, (b,), generator=generator)
-    dx = torch.randint(-pad, pad + 1, (b,), generator=generator)
+    device = generator.device if generator is not None else images.device  # no host-to-GPU copy per batch
+    dy = torch.randint(-pad, pad + 1, (b,), generator=generator, device=device)
+    dx = torch.randint(-pad, pad + 1, (b,), generator=generator, device=device)
     return shift_images(images, dy, dx)
 
 
