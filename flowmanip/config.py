@@ -389,11 +389,12 @@ def validate(r: Recipe, source: str) -> None:
     for key, value in positive:
         if value < 1:
             raise FlowmanipError(f"{source}: {key} must be >= 1, got {value}")
-    if r.data is not None and r.data.random_shift < 0:
-        raise FlowmanipError(f"{source}: data.random_shift must be >= 0 (0 turns it off), got {r.data.random_shift}")
-    for key in NON_NEGATIVE:
-        if _value(r, key) < 0:
-            raise FlowmanipError(f"{source}: {key} must be >= 0 (0 turns it off), got {_value(r, key)}")
+    non_negative = [(key, _value(r, key)) for key in NON_NEGATIVE]
+    if r.data is not None:
+        non_negative.append(("data.random_shift", r.data.random_shift))
+    for key, value in non_negative:
+        if value < 0:
+            raise FlowmanipError(f"{source}: {key} must be >= 0 (0 turns it off), got {value}")
     for key in RATES:
         if _value(r, key) <= 0:
             raise FlowmanipError(f"{source}: {key} must be > 0, got {_value(r, key)}")

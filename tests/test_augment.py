@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from flowmanip.config import load_recipe
 from flowmanip.data.augment import augment_obs, random_shift, shift_images
 from flowmanip.errors import FlowmanipError
+from flowmanip.train.replay import ReplayBuffer
+from flowmanip.train.sampler import BatchSampler
 
 
 def reference_shift(images, dy, dx, pad):
@@ -34,7 +36,7 @@ def test_random_shift_stays_in_range_and_varies():
     images = torch.arange(64 * 64, dtype=torch.int64).reshape(1, 64, 64, 1).repeat(32, 1, 1, 1)
     out = random_shift(images, 4, torch.Generator().manual_seed(1))
     centre_moves = out[:, 32, 32, 0] - images[:, 32, 32, 0]  # = -(64 dy + dx) for |shift| <= 4
-    dy, dx = -torch.round(centre_moves / 64.0), None
+    dy = -torch.round(centre_moves / 64.0)
     dx = -(centre_moves + 64 * dy)
     assert dy.abs().max() <= 4 and dx.abs().max() <= 4
     assert len(set(centre_moves.tolist())) > 5  # images move independently
@@ -52,3 +54,23 @@ def test_augment_obs_leaves_state_and_input_alone():
 def test_negative_shift_is_a_clear_error():
     with pytest.raises(FlowmanipError, match="data.random_shift"):
         load_recipe("recipes/pickcube_rgb.yaml", ["data.random_shift=-1"])
+
+
+def test_fine_tune_batches_shift_obs_and_next_obs_images():
+    """The sampler hands the update shifted images (obs and next_obs each), the state as stored."""
+    image = torch.arange(8 * 8 * 3, dtype=torch.uint8).reshape(1, 8, 8, 3)
+    obs = {"rgb": image.repeat(64, 1, 1, 1), "state": torch.randn(64, 5)}
+    buffer = ReplayBuffer(64, obs, 2, "cpu")
+    buffer.add(obs, torch.zeros(64, 2), torch.zeros(64), torch.ones(64), torch.zeros(64, dtype=torch.bool), obs)
+    cfg = type("Cfg", (), {"batch_size": 32, "demo_fraction": 0.0})()
+    candidates = [shift_images(image, torch.tensor([dy]), torch.tensor([dx]))[0]
+                  for dy in range(-2, 3) for dx in range(-2, 3)]
+    torch.manual_seed(0)
+    b = BatchSampler(buffer, None, None, cfg, "cpu", random_shift=2).batch()
+    for key in ("obs", "next_obs"):
+        assert all(any(torch.equal(img, c) for c in candidates) for img in b[key]["rgb"])  # a shift of <= 2 pixels
+        assert sum(not torch.equal(img, image[0]) for img in b[key]["rgb"]) > 10  # most moved
+    assert not torch.equal(b["obs"]["rgb"], b["next_obs"]["rgb"])  # drawn independently
+    assert all((row == obs["state"]).all(1).any() for row in b["obs"]["state"])  # stored rows, unshifted
+    plain = BatchSampler(buffer, None, None, cfg, "cpu").batch()
+    assert all(torch.equal(img, image[0]) for img in plain["obs"]["rgb"])
