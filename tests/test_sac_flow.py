@@ -186,6 +186,45 @@ def test_anchor_keeps_the_deterministic_policy_near_its_start():
     assert moved[50.0] < 0.25 * moved[0.0]
 
 
+def test_anchor_reference_reads_the_frozen_encoder():
+    """The critic trains a learned encoder; the anchor compares the executed policy on observations, so moving the
+    live encoder (actor unchanged) opens an anchor loss equal to the policy's change on those observations."""
+    torch.manual_seed(0)
+    agent = make_agent(anchor_weight=1.0, anchor_batch_size=4)
+    obs = batch()["obs"]
+    head = {"state": obs["state"][:4]}
+    assert agent.anchor_loss(obs).item() == pytest.approx(0.0, abs=1e-10)
+    before = torch.tanh(agent.actor.deterministic(agent.encoder(head))).detach()
+    perturb(agent.encoder)
+    after = torch.tanh(agent.actor.deterministic(agent.encoder(head))).detach()
+    expected = (after - before).pow(2).sum(-1).mean().item()
+    assert expected > 1e-3
+    assert agent.anchor_loss(obs).item() == pytest.approx(expected, rel=1e-5)
+    assert all(not p.requires_grad for p in agent.anchor_encoder.parameters())
+
+
+def test_actor_follows_the_encoder_during_the_critic_warmup():
+    """Critic-only updates move a learned encoder. With the anchor on, the actor takes anchor-only steps, so the
+    executed policy on the batch's observations stays much nearer its start than with the anchor off (where the
+    actor does not move and the encoder's drift changes its actions)."""
+    b = batch()
+    moved, actor_moved = {}, {}
+    for weight in (0.0, 10.0):
+        torch.manual_seed(0)
+        agent = make_agent(anchor_weight=weight, anchor_batch_size=6, lr_critic=1e-2, lr_actor=3e-3)
+        start = torch.tanh(agent.actor.deterministic(agent.encoder(b["obs"]))).detach()
+        actor0 = [p.detach().clone() for p in agent.actor_parameters()]
+        for _ in range(150):
+            info = agent.update(b, critic_only=True)
+        assert ("anchor_loss" in info) == (weight > 0)
+        now = torch.tanh(agent.actor.deterministic(agent.encoder(b["obs"]))).detach()
+        moved[weight] = (now - start).pow(2).sum(-1).mean().item()
+        actor_moved[weight] = sum((p - q).abs().sum().item() for p, q in zip(agent.actor_parameters(), actor0))
+    assert actor_moved[0.0] == 0.0 and actor_moved[10.0] > 0
+    assert moved[0.0] > 1e-4  # the critic moved the encoder, and with it the policy's actions
+    assert moved[10.0] < 0.1 * moved[0.0]
+
+
 def test_temperature_moves_towards_the_target_entropy():
     agent = make_agent(target_entropy=-4.0)
     opt = torch.optim.SGD([agent.log_alpha], lr=0.1)
@@ -330,6 +369,7 @@ def test_update_matches_a_hand_written_update():
         opt.step()
 
     torch.manual_seed(3)
+    encoder0 = copy.deepcopy(ref.encoder)  # the encoder before the critic step moves it: the anchor's reference reads it
     alpha = ref.log_alpha.exp().item()
     with torch.no_grad():
         a_next, logp_next, _ = ref.actor.sample(ref.encoder(b["next_obs"]))
@@ -351,7 +391,7 @@ def test_update_matches_a_hand_written_update():
     v = ref.actor.velocity((1 - t[:, None]) * x0 + t[:, None] * x1, t, ref.encoder(demo["obs"]).detach())
     loss = loss + 0.5 * ((v - (x1 - x0)) ** 2).mean()
     with torch.no_grad():
-        anchor_ref = torch.tanh(ref.anchor_actor.deterministic(z[:4]))
+        anchor_ref = torch.tanh(ref.anchor_actor.deterministic(encoder0({"state": b["obs"]["state"][:4]})))
     loss = loss + 3.0 * ((torch.tanh(ref.actor.deterministic(z[:4])) - anchor_ref) ** 2).sum(-1).mean()
     step(actor_opt, loss, ref.actor_parameters(), cfg.grad_clip)
     step(alpha_opt, -ref.log_alpha * (logp.mean().detach() - 3.0), [ref.log_alpha], 0)

@@ -11,15 +11,17 @@ Qbar_j their Polyak-averaged targets; alpha = exp(log_alpha).
              a reparameterised through all K steps
              c = mean |Q| (detached) when normalize_q, else 1: keeps beta meaningful whatever the reward scale
              anchor = E_s ||mu(s) - mu_0(s)||^2, mu the deterministic rollout (the policy eval scores),
-             mu_0 a frozen copy of the initial actor, s the first anchor_batch_size states of the batch
+             mu_0 frozen copies of the initial actor and encoder, s the first anchor_batch_size states of the batch
     alpha:   L_alpha = -log_alpha * (log pi(a|s) + target_entropy)
 
 R is the discounted reward over the n <= H steps the chunk ran and gamma^n the matching
 discount (``batch["discount"]``). done is the task's termination (success), or always 0
 with ``ignore_terminations`` (the default: success is not absorbing, see config.py). The
 encoder is shared: the critic loss trains it, the actor sees detached features, and the
-target critic has its own EMA copy of it. The tanh-Gaussian baseline uses the same update
-with a Gaussian actor.
+target critic has its own EMA copy of it. A trained encoder (a CNN) changes what the actor
+reads, so the anchor's reference mu_0 reads its own frozen encoder, and during the critic
+warm-up the actor takes anchor-only steps to follow the encoder the critic is changing.
+The tanh-Gaussian baseline uses the same update with a Gaussian actor.
 """
 
 from __future__ import annotations
@@ -69,8 +71,13 @@ class SACFlow(nn.Module):
         self.target_encoder = copy.deepcopy(policy.encoder).requires_grad_(False)
         self.target_critic = copy.deepcopy(critic).requires_grad_(False)
         self.log_alpha = nn.Parameter(torch.tensor(math.log(cfg.init_alpha)))
-        # frozen copy of the initial actor: the anchor term keeps the executed (deterministic) policy near it
-        self.anchor_actor = copy.deepcopy(self.actor).requires_grad_(False) if cfg.anchor_weight > 0 else None
+        # frozen copies of the initial actor and encoder: the anchor term keeps the executed (deterministic)
+        # policy near the initial one, compared on observations, so it holds while the critic trains the encoder
+        anchored = cfg.anchor_weight > 0
+        self.anchor_actor = copy.deepcopy(self.actor).requires_grad_(False) if anchored else None
+        self.anchor_encoder = copy.deepcopy(self.encoder).requires_grad_(False) if anchored else None
+        # a trained encoder moves under the actor during the critic warm-up: the actor follows it there
+        self.track_in_warmup = anchored and any(p.requires_grad for p in self.encoder.parameters())
         self.target_entropy = float(cfg.target_entropy) if cfg.target_entropy is not None else -float(self.actor.dim)
         self.grad_sync = grad_sync
         self.updates = 0  # critic updates so far (the actor-delay and BC schedules count these)
@@ -123,7 +130,13 @@ class SACFlow(nn.Module):
         info["critic_grad_norm"] = self._step(self.critic_opt, loss, self.critic_parameters(), self.cfg.grad_clip)
         self.update_targets()
         self.updates += 1
-        if critic_only or self.updates % self.cfg.actor_delay:
+        if critic_only:
+            if self.track_in_warmup:
+                anchor = self.anchor_loss(batch["obs"])
+                info["anchor_loss"] = anchor.detach()
+                self._step(self.actor_opt, self.cfg.anchor_weight * anchor, self.actor_parameters(), self.cfg.grad_clip)
+            return self._own(info)
+        if self.updates % self.cfg.actor_delay:
             return self._own(info)
 
         # the per-flow-state gradients need the rollout's states inside the autograd graph, which a compiled
@@ -181,14 +194,21 @@ class SACFlow(nn.Module):
             loss = loss + bc_weight * bc
             info["bc_loss"] = bc.detach()
         if self.anchor_actor is not None:
-            z_anchor = z[:self.cfg.anchor_batch_size]
-            with torch.no_grad():
-                reference = torch.tanh(self.anchor_actor.deterministic(z_anchor))
-            anchor = (torch.tanh(self.actor.deterministic(z_anchor)) - reference).pow(2).sum(-1).mean()
+            anchor = self.anchor_loss(batch["obs"], z)
             loss = loss + self.cfg.anchor_weight * anchor
             info["anchor_loss"] = anchor.detach()
         info["actor_loss"] = loss.detach()
         return loss, info, states
+
+    def anchor_loss(self, obs: dict, z: torch.Tensor | None = None) -> torch.Tensor:
+        """``E_s ||tanh mu(s) - tanh mu_0(s)||^2`` over the first ``anchor_batch_size`` observations; mu reads
+        the live encoder's detached features (``z`` when already computed), mu_0 its frozen encoder's."""
+        n = self.cfg.anchor_batch_size
+        obs = {k: v[:n] for k, v in obs.items()}
+        z = self.encoder(obs).detach() if z is None else z[:n]
+        with torch.no_grad():
+            reference = torch.tanh(self.anchor_actor.deterministic(self.anchor_encoder(obs)))
+        return (torch.tanh(self.actor.deterministic(z)) - reference).pow(2).sum(-1).mean()
 
     def alpha_loss(self, log_prob: torch.Tensor) -> torch.Tensor:
         """``log_prob``: log pi of fresh actor samples (any shape; only its mean matters)."""
