@@ -225,6 +225,58 @@ def test_actor_follows_the_encoder_during_the_critic_warmup():
     assert moved[10.0] < 0.1 * moved[0.0]
 
 
+def test_identity_encoder_takes_no_warmup_actor_step():
+    """With the identity encoder nothing moves under the actor: critic-only updates leave the actor as it was."""
+    pcfg = PolicyConfig(velocity="gated", flow_steps=3, chunk=2, hidden_dim=32, num_layers=2, encoder="identity")
+    fcfg = FinetuneConfig(init_alpha=0.2, num_q=2, q_hidden_dim=16, q_layers=1, anchor_weight=10.0)
+    policy = Policy(SPEC, pcfg)
+    agent = SACFlow(policy, build_critic(policy.encoder.out_dim, SPEC, pcfg, fcfg), fcfg)
+    actor0 = copy.deepcopy(agent.actor.state_dict())
+    for _ in range(3):
+        info = agent.update(batch(), critic_only=True)
+    assert "anchor_loss" not in info
+    for name, p in agent.actor.state_dict().items():
+        torch.testing.assert_close(p, actor0[name], rtol=0, atol=0)
+
+
+def test_checkpoint_without_anchor_encoder_loads():
+    """A state dict saved before the anchor kept its own encoder copy loads strictly, the copy taking the saved
+    encoder's weights and normaliser."""
+    torch.manual_seed(0)
+    saved = make_agent(anchor_weight=1.0)
+    perturb(saved.encoder)
+    with torch.no_grad():
+        saved.encoder.normalizer.mean.fill_(0.5)
+    old = {k: v for k, v in saved.state_dict().items() if not k.startswith("anchor_encoder.")}
+    assert len(old) < len(saved.state_dict())
+    fresh = make_agent(anchor_weight=1.0)
+    fresh.load_state_dict(old)  # strict
+    for name, p in saved.encoder.state_dict().items():
+        torch.testing.assert_close(fresh.anchor_encoder.state_dict()[name], p, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        fresh.load_state_dict({k: v for k, v in old.items() if not k.startswith("encoder.")})
+
+
+def test_obs_stats_reach_the_anchor_encoder():
+    """A run from scratch measures the observation normaliser from its first env steps: the anchor's frozen
+    encoder must read states the same way as the live one (its mean and std are the buffer's, by hand)."""
+    from accelerate import Accelerator
+
+    from flowmanip.train.finetune_setup import set_obs_stats
+    from flowmanip.train.replay import ReplayBuffer
+
+    agent = make_agent(anchor_weight=1.0)
+    b = batch()
+    buffer = ReplayBuffer(16, b["obs"], 4, "cpu")
+    buffer.add(b["obs"], b["action"], b["reward"], b["discount"], b["terminated"], b["next_obs"])
+    spec = dict(SPEC)
+    set_obs_stats(Accelerator(cpu=True), buffer, agent, spec, "cpu")
+    states = torch.cat([b["obs"]["state"], b["next_obs"]["state"]])
+    for module in (agent.encoder, agent.target_encoder, agent.anchor_encoder):
+        torch.testing.assert_close(module.normalizer.mean, states.mean(0))
+        torch.testing.assert_close(module.normalizer.std, states.std(0).clamp(min=1e-3))
+
+
 def test_temperature_moves_towards_the_target_entropy():
     agent = make_agent(target_entropy=-4.0)
     opt = torch.optim.SGD([agent.log_alpha], lr=0.1)

@@ -120,7 +120,8 @@ class SACFlow(nn.Module):
     def update(self, batch: dict, demo_batch: Optional[dict] = None, critic_only: bool = False,
                diagnose: bool = False) -> dict:
         """One critic step and Polyak update; then, every ``actor_delay`` critic steps and unless
-        ``critic_only`` (the critic warm-up), one actor step and one temperature step.
+        ``critic_only`` (the critic warm-up), one actor step and one temperature step. In the warm-up,
+        with the anchor on and an encoder with weights, the actor takes an anchor-only step instead.
 
         ``demo_batch`` (obs, normalised action) feeds the BC term. ``diagnose`` adds
         ``grad_A<k>`` = ||dL_pi / dA_k|| per flow step (the paper's gradient pathology).
@@ -152,6 +153,14 @@ class SACFlow(nn.Module):
             self._step(self.alpha_opt, self.alpha_loss(actor_info["log_prob"]), [self.log_alpha], 0.0)
         info.update(actor_info)
         return self._own(info)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Checkpoints written before the anchor had its own encoder copy lack ``anchor_encoder.*``: their
+        anchor read the live encoder, so take the saved encoder's weights (exact for the identity encoder)."""
+        if self.anchor_encoder is not None and not any(k.startswith(f"{prefix}anchor_encoder.") for k in state_dict):
+            for key in [k for k in state_dict if k.startswith(f"{prefix}encoder.")]:
+                state_dict[f"{prefix}anchor_encoder." + key[len(f"{prefix}encoder."):]] = state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _own(self, info: dict) -> dict:
         """Compiled on a GPU, a loss's outputs live in CUDA-graph memory the next replay overwrites: copy them."""

@@ -119,7 +119,9 @@ def set_obs_stats(accelerator, buffer, agent, spec, device) -> None:
     states = torch.cat([buffer.obs["state"][:n], buffer.next_obs["state"][:n]]).to(device)
     states = accelerator.gather(states)
     mean, std = states.mean(0), states.std(0).clamp(min=1e-3)
-    for module in (agent.encoder, agent.target_encoder):
+    for module in (agent.encoder, agent.target_encoder, agent.anchor_encoder):
+        if module is None:  # no anchor
+            continue
         module.normalizer.mean.copy_(mean)
         module.normalizer.std.copy_(std)
     spec["obs_mean"], spec["obs_std"] = mean.tolist(), std.tolist()
