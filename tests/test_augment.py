@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flowmanip.config import load_recipe
+from flowmanip.config import FinetuneConfig, load_recipe
 from flowmanip.data.augment import augment_obs, random_shift, shift_images
 from flowmanip.errors import FlowmanipError
 from flowmanip.train.replay import ReplayBuffer
@@ -62,7 +62,7 @@ def test_fine_tune_batches_shift_obs_and_next_obs_images():
     obs = {"rgb": image.repeat(64, 1, 1, 1), "state": torch.randn(64, 5)}
     buffer = ReplayBuffer(64, obs, 2, "cpu")
     buffer.add(obs, torch.zeros(64, 2), torch.zeros(64), torch.ones(64), torch.zeros(64, dtype=torch.bool), obs)
-    cfg = type("Cfg", (), {"batch_size": 32, "demo_fraction": 0.0})()
+    cfg = FinetuneConfig(batch_size=32, demo_fraction=0.0)
     candidates = [shift_images(image, torch.tensor([dy]), torch.tensor([dx]))[0]
                   for dy in range(-2, 3) for dx in range(-2, 3)]
     torch.manual_seed(0)
