@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
 
     p = sub.add_parser("eval", help="measure success in ManiSkill (ManiSkill's evaluation rules)")
-    p.add_argument("checkpoint", help="checkpoint directory (…/checkpoints/last) or a run stage directory")
+    p.add_argument("checkpoint", help="checkpoint directory (…/checkpoints/last), a run stage directory (…/finetune) "
+                        "or a run directory (its finetune stage if it has one, else pretrain)")
     p.add_argument("--episodes", type=int, default=None, help="default: the recipe's eval.episodes (100)")
     p.add_argument("--seed", type=int, default=None,
                    help="episode seeds are seed, seed+1, ... (default: the recipe's eval.seed, 0)")
@@ -58,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write one record per episode (seed, success_once, success_at_end, return) here")
 
     p = sub.add_parser("export", help="write a self-contained policy file for deployment")
-    p.add_argument("checkpoint", help="checkpoint directory (…/checkpoints/last) or a run stage directory")
+    p.add_argument("checkpoint", help="checkpoint directory (…/checkpoints/last), a run stage directory (…/finetune) "
+                        "or a run directory (its finetune stage if it has one, else pretrain)")
     p.add_argument("--format", choices=["torchscript", "onnx"], default=None,
                    help="default: onnx for an .onnx output, else torchscript")
     p.add_argument("-o", "--output", required=True, help="output file, e.g. policy.pt")
