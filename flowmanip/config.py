@@ -119,6 +119,9 @@ class FinetuneConfig:
     tau: float = 0.005  # Polyak rate of the target critic and target encoder
     lr_actor: float = 3e-4
     lr_critic: float = 3e-4
+    # the critic step's learning rate for the shared encoder's weights (null: lr_critic). The actor reads
+    # the encoder's features detached, so a lower rate slows how fast the critic moves them under it
+    lr_encoder: Optional[float] = None
     lr_alpha: float = 3e-4
     init_alpha: float = 0.01
     target_entropy: Optional[float] = None  # default: -d, d = action_dim * H (the chunk's dimension)
@@ -398,6 +401,9 @@ def validate(r: Recipe, source: str) -> None:
     for key in RATES:
         if _value(r, key) <= 0:
             raise FlowmanipError(f"{source}: {key} must be > 0, got {_value(r, key)}")
+    if r.finetune.lr_encoder is not None and r.finetune.lr_encoder < 0:
+        raise FlowmanipError(f"{source}: finetune.lr_encoder must be >= 0 (0 freezes the encoder) or null "
+                             f"(lr_critic), got {r.finetune.lr_encoder}")
     if not 0 <= r.pretrain.ema < 1:
         raise FlowmanipError(f"{source}: pretrain.ema must be in [0, 1) (0 turns it off), got {r.pretrain.ema}")
     if r.policy.init_std < 0 or r.policy.sigma <= 0:

@@ -97,6 +97,7 @@ def test_overrides_are_typed():
     ("policy.hidden_dim=0", "policy.hidden_dim must be >= 1, got 0"),
     ("finetune.eval_every=-5", "finetune.eval_every must be >= 0 (0 turns it off), got -5"),
     ("finetune.lr_critic=-0.001", "finetune.lr_critic must be > 0"),
+    ("finetune.lr_encoder=-0.001", "finetune.lr_encoder must be >= 0 (0 freezes the encoder) or null"),
     ("pretrain.ema=1.5", "pretrain.ema must be in [0, 1)"),
     ("pretrain.steps=${nowhere}", "'pretrain.steps': Interpolation key 'nowhere' not found"),
     ("env=3", "bad value for 'env'"),

@@ -277,6 +277,51 @@ def test_obs_stats_reach_the_anchor_encoder():
         torch.testing.assert_close(module.normalizer.std, states.std(0).clamp(min=1e-3))
 
 
+def _moved(params, before) -> torch.Tensor:
+    change = torch.cat([(p.detach() - q).abs().flatten() for p, q in zip(params, before)])
+    return change[change > 0]
+
+
+@pytest.mark.parametrize("lr_encoder", [None, 1e-4])
+def test_lr_encoder_sets_the_encoders_step(lr_encoder):
+    """Adam's first step moves a parameter with gradient g by lr * |g| / (|g| + eps), about lr: with
+    finetune.lr_encoder the critic step moves the encoder's weights by that rate, else by lr_critic."""
+    torch.manual_seed(0)
+    agent = make_agent(lr_critic=1e-2, lr_encoder=lr_encoder, grad_clip=0.0)
+    encoder_before = [p.detach().clone() for p in agent.encoder.parameters()]
+    critic_before = [p.detach().clone() for p in agent.critic.parameters()]
+    agent.update(batch(), critic_only=True)
+    encoder_step = _moved(agent.encoder.parameters(), encoder_before)
+    critic_step = _moved(agent.critic.parameters(), critic_before)
+    assert len(encoder_step) > 100 and len(critic_step) > 100
+    expected = 1e-2 if lr_encoder is None else lr_encoder
+    assert encoder_step.max().item() == pytest.approx(expected, rel=1e-3)
+    assert critic_step.max().item() == pytest.approx(1e-2, rel=1e-3)
+
+
+def test_resume_regroups_the_critic_optimizer_and_takes_the_configs_rates():
+    """A run resumed with lr_encoder set (or unset) since its checkpoint keeps each parameter's Adam
+    moments; the learning rates come from the resumed run's config, not the checkpoint."""
+    torch.manual_seed(0)
+    saved = make_agent(lr_critic=1e-2)
+    saved.update(batch(), critic_only=True)
+    resumed = make_agent(lr_critic=2e-2, lr_encoder=1e-4)
+    resumed.load_state_dict(saved.state_dict())
+    resumed.load_training_state(copy.deepcopy(saved.training_state()))
+    assert [g["lr"] for g in resumed.critic_opt.param_groups] == [1e-4, 2e-2]
+    for a, b in zip(saved.critic_parameters(), resumed.critic_parameters()):
+        assert a.shape == b.shape
+        torch.testing.assert_close(saved.critic_opt.state[a]["exp_avg_sq"], resumed.critic_opt.state[b]["exp_avg_sq"])
+    back = make_agent(lr_critic=1e-2)
+    back.load_training_state(copy.deepcopy(resumed.training_state()))
+    assert [g["lr"] for g in back.critic_opt.param_groups] == [1e-2]
+    for a, b in zip(saved.critic_parameters(), back.critic_parameters()):
+        torch.testing.assert_close(saved.critic_opt.state[a]["exp_avg"], back.critic_opt.state[b]["exp_avg"])
+    # the regrouped optimiser steps
+    resumed.update(batch(), critic_only=True)
+    back.update(batch(), critic_only=True)
+
+
 def test_temperature_moves_towards_the_target_entropy():
     agent = make_agent(target_entropy=-4.0)
     opt = torch.optim.SGD([agent.log_alpha], lr=0.1)

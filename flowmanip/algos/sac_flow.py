@@ -97,7 +97,7 @@ class SACFlow(nn.Module):
         self.compiled = True
 
     def _make_optimizers(self) -> None:
-        self.critic_opt = _adam(self.critic_parameters(), self.cfg.lr_critic)
+        self.critic_opt = _adam(self._critic_groups(), self.cfg.lr_critic)
         self.actor_opt = _adam(self.actor_parameters(), self.cfg.lr_actor)
         self.alpha_opt = _adam([self.log_alpha], self.cfg.lr_alpha)
 
@@ -112,6 +112,14 @@ class SACFlow(nn.Module):
 
     def critic_parameters(self):
         return list(self.encoder.parameters()) + list(self.critic.parameters())
+
+    def _critic_groups(self):
+        """The critic optimiser's parameters: one group, or with ``lr_encoder`` set and an encoder with
+        weights, the encoder's at that rate and the critic's at ``lr_critic`` (same order either way)."""
+        encoder = list(self.encoder.parameters())
+        if self.cfg.lr_encoder is None or not encoder:
+            return self.critic_parameters()
+        return [{"params": encoder, "lr": self.cfg.lr_encoder}, {"params": list(self.critic.parameters())}]
 
     def actor_parameters(self):
         return list(self.actor.parameters())
@@ -241,8 +249,24 @@ class SACFlow(nn.Module):
                 "alpha_opt": self.alpha_opt.state_dict(), "updates": self.updates}
 
     def load_training_state(self, state: dict) -> None:
+        """The saved optimiser states; the learning rates are this run's config, so a resume can change them.
+        A critic optimiser saved with another grouping (``lr_encoder`` set or unset since) is regrouped:
+        its parameters are in the same order either way."""
         for name in ("actor_opt", "critic_opt", "alpha_opt"):
-            getattr(self, name).load_state_dict(state[name])
+            optimizer = getattr(self, name)
+            saved, groups = state[name], optimizer.state_dict()["param_groups"]
+            if len(saved["param_groups"]) != len(groups):
+                order = [i for g in saved["param_groups"] for i in g["params"]]
+                settings = {k: v for k, v in saved["param_groups"][0].items() if k != "params"}
+                regrouped, start = [], 0
+                for g in groups:
+                    regrouped.append({**settings, "params": order[start:start + len(g["params"])]})
+                    start += len(g["params"])
+                saved = {**saved, "param_groups": regrouped}
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            optimizer.load_state_dict(saved)
+            for g, lr in zip(optimizer.param_groups, lrs):
+                g["lr"] = lr
         self.updates = int(state["updates"])
 
 
