@@ -28,6 +28,10 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in out_dir/<stage>")
 
 
+CHECKPOINT_HELP = ("checkpoint directory (…/checkpoints/last), a run stage directory (…/finetune) "
+                   "or a run directory (its finetune stage if it has one, else pretrain)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flowmanip", description=__doc__.split("\n\n")[0])
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
@@ -39,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
 
     p = sub.add_parser("eval", help="measure success in ManiSkill (ManiSkill's evaluation rules)")
-    p.add_argument("checkpoint", help="checkpoint directory (…/checkpoints/last), a run stage directory (…/finetune) "
-                        "or a run directory (its finetune stage if it has one, else pretrain)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--episodes", type=int, default=None, help="default: the recipe's eval.episodes (100)")
     p.add_argument("--seed", type=int, default=None,
                    help="episode seeds are seed, seed+1, ... (default: the recipe's eval.seed, 0)")
@@ -59,8 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write one record per episode (seed, success_once, success_at_end, return) here")
 
     p = sub.add_parser("export", help="write a self-contained policy file for deployment")
-    p.add_argument("checkpoint", help="checkpoint directory (…/checkpoints/last), a run stage directory (…/finetune) "
-                        "or a run directory (its finetune stage if it has one, else pretrain)")
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--format", choices=["torchscript", "onnx"], default=None,
                    help="default: onnx for an .onnx output, else torchscript")
     p.add_argument("-o", "--output", required=True, help="output file, e.g. policy.pt")
