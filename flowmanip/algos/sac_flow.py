@@ -10,7 +10,7 @@ Qbar_j their Polyak-averaged targets; alpha = exp(log_alpha).
     actor:   L_pi = E[alpha log pi(a|s) - agg_j Q_j(s, a)] / c + beta * BC + lambda * anchor,
              a reparameterised through all K steps
              c = mean |Q| (detached) when normalize_q, else 1: keeps beta meaningful whatever the reward scale
-             anchor = E_s ||mu(s) - mu_0(s)||^2, mu the deterministic rollout (the policy eval scores),
+             anchor = E_s ||tanh mu(s) - tanh mu_0(s)||^2, mu the deterministic rollout (the policy eval scores),
              mu_0 frozen copies of the initial actor and encoder, s the first anchor_batch_size states of the batch
     alpha:   L_alpha = -log_alpha * (log pi(a|s) + target_entropy)
 
