@@ -94,6 +94,9 @@ class PretrainConfig:
     lr: float = 3e-4  # AdamW, cosine schedule with warm-up
     weight_decay: float = 1e-6
     ema: float = 0.999  # EMA of weights used for eval/checkpoints (0 disables)
+    # Gaussian noise added to each training state (not the images), in units of the demos' per-dim std
+    # (the normaliser's): a regulariser for few demos. 0 = off
+    obs_noise: float = 0.0
     log_every: int = 100  # steps between metrics rows
     eval_every: int = 5000  # steps between evaluations (0: none)
     eval_episodes: int = 20
@@ -369,7 +372,7 @@ POSITIVE = (
 NON_NEGATIVE = (
     "finetune.critic_warmup", "finetune.learning_starts", "finetune.random_warmup", "finetune.eval_every",
     "finetune.eval_episodes", "finetune.anchor_weight", "finetune.bc_weight", "finetune.bc_decay_steps",
-    "pretrain.eval_every", "pretrain.eval_episodes", "pretrain.weight_decay", "policy.gate_hidden_dim", "policy.gate_layers",
+    "pretrain.eval_every", "pretrain.eval_episodes", "pretrain.weight_decay", "pretrain.obs_noise", "policy.gate_hidden_dim", "policy.gate_layers",
 )
 RATES = ("policy.residual_scale", "policy.noise_bound", "pretrain.lr", "finetune.lr_actor", "finetune.lr_critic", "finetune.lr_alpha", "finetune.init_alpha")
 

@@ -1,11 +1,12 @@
-"""Random-shift augmentation against an independent computation: edge padding, then a crop."""
+"""Random-shift augmentation against an independent computation (edge padding, then a crop), and the
+state noise of behaviour cloning against its stated statistics."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from flowmanip.config import FinetuneConfig, load_recipe
-from flowmanip.data.augment import augment_obs, random_shift, shift_images
+from flowmanip.data.augment import augment_obs, jitter_state, random_shift, shift_images
 from flowmanip.errors import FlowmanipError
 from flowmanip.train.replay import ReplayBuffer
 from flowmanip.train.sampler import BatchSampler
@@ -51,9 +52,24 @@ def test_augment_obs_leaves_state_and_input_alone():
     assert augment_obs({"state": obs["state"]}, 2)["state"] is obs["state"]
 
 
-def test_negative_shift_is_a_clear_error():
-    with pytest.raises(FlowmanipError, match="data.random_shift"):
-        load_recipe("recipes/pickcube_rgb.yaml", ["data.random_shift=-1"])
+def test_state_noise_has_the_stated_scale_per_dim():
+    """The noise added to dim i has mean 0 and std noise * std[i]; images and the input stay as they are."""
+    std = torch.tensor([1e-3, 0.5, 2.0, 10.0])
+    obs = {"state": torch.randn(20000, 4) * 3 + 1, "rgb": torch.zeros(20000, 2, 2, 3, dtype=torch.uint8)}
+    before = obs["state"].clone()
+    torch.manual_seed(0)
+    out = jitter_state(obs, 0.2, std)
+    delta = out["state"] - obs["state"]
+    assert torch.equal(obs["state"], before) and out["rgb"] is obs["rgb"]
+    assert torch.allclose(delta.std(0), 0.2 * std, rtol=0.03)
+    assert (delta.mean(0).abs() < 0.03 * 0.2 * std).all()
+    assert jitter_state(obs, 0.0, std) is obs
+
+
+@pytest.mark.parametrize("override", ["data.random_shift=-1", "pretrain.obs_noise=-0.1"])
+def test_negative_augmentation_is_a_clear_error(override):
+    with pytest.raises(FlowmanipError, match=override.split("=")[0].replace(".", r"\.")):
+        load_recipe("recipes/pickcube_rgb.yaml", [override])
 
 
 def test_fine_tune_batches_shift_obs_and_next_obs_images():

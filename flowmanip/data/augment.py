@@ -1,4 +1,5 @@
-"""Random-shift augmentation for camera images (as DrQ and ManiSkill's image baselines use it).
+"""Random-shift augmentation for camera images (as DrQ and ManiSkill's image baselines use it), and
+Gaussian state noise for behaviour cloning from few demos.
 
 Each image moves by up to ``pad`` pixels in each direction; the border pixels fill what moves
 in (the same as padding with the edge values and cropping back to the original size). Images
@@ -29,6 +30,13 @@ def random_shift(images: torch.Tensor, pad: int, generator: torch.Generator | No
     dy = torch.randint(-pad, pad + 1, (b,), generator=generator, device=device)
     dx = torch.randint(-pad, pad + 1, (b,), generator=generator, device=device)
     return shift_images(images, dy, dx)
+
+
+def jitter_state(obs: dict, noise: float, std: torch.Tensor) -> dict:
+    """``obs`` with Gaussian noise of ``noise * std`` (per state dim) added to its ``state``; ``obs`` is not changed."""
+    if noise <= 0:
+        return obs
+    return {**obs, "state": obs["state"] + noise * std * torch.randn_like(obs["state"])}
 
 
 def augment_obs(obs: dict, pad: int) -> dict:

@@ -30,7 +30,7 @@ def cosine_lr(step: int, total: int, warmup: int = 500, floor: float = 0.1) -> f
 
 def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, overwrite: bool = False) -> dict:
     from flowmanip.algos.flow_matching import action_dim_mask
-    from flowmanip.data.augment import augment_obs
+    from flowmanip.data.augment import augment_obs, jitter_state
     from flowmanip.data.samples import DemoSamples, normalization_stats
     from flowmanip.envs import make_vector_env
     from flowmanip.train.checkpoint import (check_init_matches, load_checkpoint, rng_state, save_checkpoint,
@@ -87,6 +87,7 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
         action_masks = action_dim_mask(samples.action_mask, spec["action_dim"]).to(device)
         obs_all = to_device(samples.obs, device)
         idx_obs = samples.idx_obs.to(device)
+        state_std = torch.as_tensor(spec["obs_std"], dtype=torch.float32, device=device).clamp(min=1e-3)  # as the normaliser
         logger = MetricsLogger(stage_dir, recipe, "pretrain", resume_step=start_step if resume else None)
         execute = recipe.policy.execute or recipe.policy.chunk
 
@@ -108,6 +109,7 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
         for step in bar:
             idx = torch.randint(len(samples), (cfg.batch_size,), device=device)
             obs = augment_obs({k: v[idx_obs[idx]] for k, v in obs_all.items()}, recipe.data.random_shift)
+            obs = jitter_state(obs, cfg.obs_noise, state_std)
             loss = policy.actor.flow_matching_loss(policy.encoder(obs), actions[idx], action_masks[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
