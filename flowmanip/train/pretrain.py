@@ -87,7 +87,6 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
         action_masks = action_dim_mask(samples.action_mask, spec["action_dim"]).to(device)
         obs_all = to_device(samples.obs, device)
         idx_obs = samples.idx_obs.to(device)
-        state_std = torch.as_tensor(spec["obs_std"], dtype=torch.float32, device=device).clamp(min=1e-3)  # as the normaliser
         logger = MetricsLogger(stage_dir, recipe, "pretrain", resume_step=start_step if resume else None)
         execute = recipe.policy.execute or recipe.policy.chunk
 
@@ -109,7 +108,7 @@ def run_pretrain(recipe_path: str, overrides: list[str], resume: bool = False, o
         for step in bar:
             idx = torch.randint(len(samples), (cfg.batch_size,), device=device)
             obs = augment_obs({k: v[idx_obs[idx]] for k, v in obs_all.items()}, recipe.data.random_shift)
-            obs = jitter_state(obs, cfg.obs_noise, state_std)
+            obs = jitter_state(obs, cfg.obs_noise, policy.encoder.normalizer.std)
             loss = policy.actor.flow_matching_loss(policy.encoder(obs), actions[idx], action_masks[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
