@@ -147,6 +147,7 @@ class FinetuneConfig:
     anchor_weight: float = 0.0
     anchor_batch_size: int = 64  # states of the batch the anchor is computed on (its two extra rollouts dominate an update)
     bc_decay_steps: int = 0  # BC weight decays linearly to 0 over this many updates after critic_warmup (0: off)
+    anchor_decay_steps: int = 0  # likewise for anchor_weight: hold a weak start early, let go later (0: off)
     log_every: int = 1000  # env steps
     eval_every: int = 10000  # env steps
     eval_episodes: int = 20
@@ -372,6 +373,7 @@ POSITIVE = (
 NON_NEGATIVE = (
     "finetune.critic_warmup", "finetune.learning_starts", "finetune.random_warmup", "finetune.eval_every",
     "finetune.eval_episodes", "finetune.anchor_weight", "finetune.bc_weight", "finetune.bc_decay_steps",
+    "finetune.anchor_decay_steps",
     "pretrain.eval_every", "pretrain.eval_episodes", "pretrain.weight_decay", "pretrain.obs_noise", "policy.gate_hidden_dim", "policy.gate_layers",
 )
 RATES = ("policy.residual_scale", "policy.noise_bound", "pretrain.lr", "finetune.lr_actor", "finetune.lr_critic", "finetune.lr_alpha", "finetune.init_alpha")

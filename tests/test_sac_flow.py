@@ -435,6 +435,41 @@ def test_bc_weight_decays_from_the_end_of_the_critic_warmup():
     assert bc_weight_at(FinetuneConfig(bc_weight=2.0, bc_decay_steps=0, critic_warmup=500), 10_000) == 2.0
 
 
+def test_anchor_weight_decays_from_the_end_of_the_critic_warmup():
+    from flowmanip.algos.sac_flow import anchor_weight_at
+
+    cfg = FinetuneConfig(anchor_weight=10.0, anchor_decay_steps=200, critic_warmup=100)
+    assert [anchor_weight_at(cfg, n) for n in (0, 100, 150, 250, 300, 5000)] == pytest.approx([10, 10, 7.5, 2.5, 0, 0])
+    assert anchor_weight_at(FinetuneConfig(anchor_weight=10.0, critic_warmup=100), 5000) == 10.0
+
+
+def test_update_scales_the_anchor_by_its_decayed_weight():
+    """Halfway through the decay an update's actor loss is the un-anchored loss plus half the weight times the
+    anchor; past the decay the update drops the anchor and matches an agent without one, parameter for parameter."""
+    b = batch()
+
+    def run(updates_so_far, **finetune):
+        torch.manual_seed(0)
+        agent = make_agent(**finetune)
+        if agent.anchor_actor is not None:
+            perturb(agent.anchor_actor)  # so the anchor term is not zero
+        agent.updates = updates_so_far
+        torch.manual_seed(1)
+        return agent, agent.update(b)
+
+    decay = dict(anchor_weight=4.0, anchor_decay_steps=10, anchor_batch_size=4)
+    _, plain = run(4)
+    _, half = run(4, **decay)  # the update counts itself: 5 of 10 decay steps done, weight 2
+    assert half["anchor_loss"].item() > 1e-3
+    assert half["actor_loss"].item() == pytest.approx(plain["actor_loss"].item() + 2.0 * half["anchor_loss"].item(),
+                                                      rel=1e-5)
+    free, info = run(10, **decay)
+    ref, _ = run(10)
+    assert "anchor_loss" not in info
+    for p, q in zip(free.actor_parameters(), ref.actor_parameters()):
+        assert torch.equal(p, q)
+
+
 def test_update_matches_a_hand_written_update():
     """Regression test of ``SACFlow.update``'s maths and order: one critic step (clipped Adam), Polyak targets,
     one actor step (SAC term / mean|Q| + beta * flow-matching BC + lambda * anchor on the first states), one

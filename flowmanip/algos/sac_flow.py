@@ -12,6 +12,7 @@ Qbar_j their Polyak-averaged targets; alpha = exp(log_alpha).
              c = mean |Q| (detached) when normalize_q, else 1: keeps beta meaningful whatever the reward scale
              anchor = E_s ||tanh mu(s) - tanh mu_0(s)||^2, mu the deterministic rollout (the policy eval scores),
              mu_0 frozen copies of the initial actor and encoder, s the first anchor_batch_size states of the batch
+             beta and lambda may decay linearly to 0 once the actor starts (bc_decay_steps, anchor_decay_steps)
     alpha:   L_alpha = -log_alpha * (log pi(a|s) + target_entropy)
 
 R is the discounted reward over the n <= H steps the chunk ran and gamma^n the matching
@@ -43,13 +44,23 @@ def aggregate(q: torch.Tensor, how: str) -> torch.Tensor:
     return q.min(0).values if how == "min" else q.mean(0)
 
 
+def _decayed(weight: float, decay_steps: int, warmup: int, updates: int) -> float:
+    """`weight` until the actor starts (after `warmup` critic-only updates), then a linear decay to 0
+    over `decay_steps` updates when that is > 0."""
+    if decay_steps <= 0:
+        return weight
+    return weight * max(0.0, 1.0 - max(0, updates - warmup) / decay_steps)
+
+
 def bc_weight_at(cfg, updates: int) -> float:
-    """The BC weight after `updates` critic updates: full until the actor starts (after the critic warm-up),
-    then a linear decay to 0 over `bc_decay_steps` updates when that is > 0."""
-    if cfg.bc_decay_steps <= 0:
-        return cfg.bc_weight
-    since_warmup = max(0, updates - cfg.critic_warmup)
-    return cfg.bc_weight * max(0.0, 1.0 - since_warmup / cfg.bc_decay_steps)
+    """The BC weight after `updates` critic updates (``finetune.bc_decay_steps``)."""
+    return _decayed(cfg.bc_weight, cfg.bc_decay_steps, cfg.critic_warmup, updates)
+
+
+def anchor_weight_at(cfg, updates: int) -> float:
+    """The anchor weight after `updates` critic updates (``finetune.anchor_decay_steps``): the anchor holds
+    the weak start while the critic is new and lets go as it learns."""
+    return _decayed(cfg.anchor_weight, cfg.anchor_decay_steps, cfg.critic_warmup, updates)
 
 
 def _adam(params, lr: float) -> torch.optim.Adam:
@@ -89,7 +100,8 @@ class SACFlow(nn.Module):
         """Run both losses (forward and backward) through ``torch.compile``: fused C++ kernels on the CPU,
         CUDA graphs on a GPU (``mode="reduce-overhead"``, which replays each loss's kernels as one launch).
         Optimiser steps stay eager (Adam is already fused). Compiling takes a minute the first time; a
-        BC weight that decays (``finetune.bc_decay_steps``) recompiles per value, up to torch's limit."""
+        BC or anchor weight that decays (``finetune.bc_decay_steps``, ``anchor_decay_steps``) recompiles per
+        value, up to torch's limit."""
         cuda = any(p.is_cuda for p in self.parameters())
         mode = "reduce-overhead" if cuda else None
         self._critic_loss = torch.compile(self.critic_loss, mode=mode, dynamic=False)
@@ -152,7 +164,8 @@ class SACFlow(nn.Module):
         # loss hides (it is one node): diagnostic updates, one per log row, run eagerly
         actor_loss = self.actor_loss if diagnose else self._actor_loss
         loss, actor_info, states = actor_loss(batch, demo_batch, bc_weight_at(self.cfg, self.updates),
-                                              keep_states=diagnose)
+                                              keep_states=diagnose,
+                                              anchor_weight=anchor_weight_at(self.cfg, self.updates))
         if diagnose:
             for k, g in enumerate(flow_state_grad_norms(loss, states)):
                 actor_info[f"grad_A{k}"] = g
@@ -196,7 +209,8 @@ class SACFlow(nn.Module):
         return loss, {"critic_loss": loss.detach(), "q_mean": q.mean().detach(), "target_mean": target.mean()}
 
     def actor_loss(self, batch: dict, demo_batch: dict | None = None, bc_weight: float = 0.0,
-                   keep_states: bool = False) -> tuple[torch.Tensor, dict, list]:
+                   keep_states: bool = False, anchor_weight: float | None = None) -> tuple[torch.Tensor, dict, list]:
+        """``anchor_weight`` (default ``finetune.anchor_weight``) scales the anchor term; at 0 it is skipped."""
         z = self.encoder(batch["obs"]).detach()
         action, log_prob, states = self.actor.sample(z, keep_states=keep_states)
         q = aggregate(self.critic(z, action), self.cfg.q_aggregation)
@@ -210,9 +224,10 @@ class SACFlow(nn.Module):
             bc = bc_loss(self.actor, z_demo, demo_batch["action"], self.cfg.bc_type, demo_batch.get("action_mask"))
             loss = loss + bc_weight * bc
             info["bc_loss"] = bc.detach()
-        if self.anchor_actor is not None:
+        anchor_weight = self.cfg.anchor_weight if anchor_weight is None else anchor_weight
+        if self.anchor_actor is not None and anchor_weight > 0:
             anchor = self.anchor_loss(batch["obs"], z)
-            loss = loss + self.cfg.anchor_weight * anchor
+            loss = loss + anchor_weight * anchor
             info["anchor_loss"] = anchor.detach()
         info["actor_loss"] = loss.detach()
         return loss, info, states
