@@ -24,6 +24,7 @@ CHOICES = {
     "policy.encoder": ("mlp", "identity"),
     "policy.decoder_tokens": ("single", "chunk"),
     "policy.sigma_mode": ("fixed", "learned"),
+    "policy.cnn_head": ("avg", "spatial_softmax"),
     "finetune.q_aggregation": ("min", "mean"),
     "finetune.bc_type": ("flow_matching", "action_mse", "none"),
     "policy.actor": ("flow", "gaussian", "residual", "noise"),  # the last two: FROZEN_FLOW_ACTORS
@@ -76,6 +77,7 @@ class PolicyConfig:
     encoder: str = "identity"  # state obs: identity (normalised state) | mlp
     encoder_dim: int = 256  # features out of the mlp / rgb encoder
     cnn_channels: int = 32  # rgb encoder width
+    cnn_head: str = "avg"  # rgb encoder head: avg (4x4 average pool) | spatial_softmax (keypoint coordinates)
     sigma_mode: str = "fixed"  # noise of the SAC rollout: fixed | learned (state-conditioned head)
     sigma: float = 0.1  # noise std per flow step (fixed mode; the learned head's initial value)
     # std of A_0 in the noise-augmented (SAC) rollout: 1 samples N(0, I) as the paper does; 0 starts

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 from torch.distributions import Normal
@@ -259,6 +261,49 @@ def test_rgb_encoder_shapes():
     enc = RGBEncoder(7, torch.zeros(7), torch.ones(7), image_channels=6, channels=8, out_dim=32)
     obs = {"rgb": torch.randint(0, 255, (3, 32, 32, 6), dtype=torch.uint8), "state": torch.randn(3, 7)}
     assert enc(obs).shape == (3, 32)
+
+
+def test_spatial_softmax_is_the_expected_pixel_position():
+    """Each keypoint equals sum_p softmax(map / T)_p * (x_p, y_p), written out here with numpy over a
+    pixel grid from -1 (left/top) to 1 (right/bottom); a sharp peak lands on its pixel's coordinates."""
+    from flowmanip.models.encoders import SpatialSoftmax
+
+    torch.manual_seed(0)
+    head = SpatialSoftmax(channels=3, height=5, width=7, keypoints=4)
+    with torch.no_grad():
+        head.log_temperature.fill_(0.3)
+    x = torch.randn(2, 3, 5, 7)
+    out = head(x).detach().numpy().reshape(2, 4, 2)
+    maps = head.to_maps(x).detach().numpy()  # [2, 4, 5, 7]
+    t = np.exp(0.3)
+    for b in range(2):
+        for k in range(4):
+            w = np.exp(maps[b, k] / t - (maps[b, k] / t).max())
+            w /= w.sum()
+            ex = sum(w[i, j] * (-1 + 2 * j / 6) for i in range(5) for j in range(7))
+            ey = sum(w[i, j] * (-1 + 2 * i / 4) for i in range(5) for j in range(7))
+            assert np.allclose(out[b, k], [ex, ey], atol=1e-5), (b, k, out[b, k], ex, ey)
+    # a 1x1 conv that copies channel 0, and a peak at row 1, column 5: keypoint (x, y) = (2/3, -1/2)
+    peak_head = SpatialSoftmax(channels=1, height=5, width=7, keypoints=1)
+    with torch.no_grad():
+        peak_head.to_maps.weight.fill_(1.0)
+        peak_head.to_maps.bias.zero_()
+    peak = torch.zeros(1, 1, 5, 7)
+    peak[0, 0, 1, 5] = 50.0
+    assert torch.allclose(peak_head(peak), torch.tensor([[2 / 3, -0.5]]), atol=1e-4)
+
+
+def test_rgb_encoder_spatial_softmax_head_sizes_its_grid_and_scripts():
+    """The keypoint head sizes its pixel grid from the image (non-square too) and scripts for export."""
+    torch.manual_seed(0)
+    enc = RGBEncoder(7, torch.zeros(7), torch.ones(7), image_channels=3, channels=8, out_dim=32,
+                     head="spatial_softmax", image_hw=(24, 40)).eval()
+    assert enc.cnn[-3].grid.shape == (3 * 5, 2)  # 24x40 -> 3x5 feature maps
+    obs = {"rgb": torch.randint(0, 255, (2, 24, 40, 3), dtype=torch.uint8), "state": torch.randn(2, 7)}
+    scripted = torch.jit.script(enc)
+    assert torch.allclose(scripted(obs), enc(obs), atol=1e-6)
+    with pytest.raises(ValueError, match="spatial_softmax"):
+        RGBEncoder(7, torch.zeros(7), torch.ones(7), image_channels=3, head="max")
 
 
 def test_gaussian_baseline_log_prob_and_behaviour_cloning():

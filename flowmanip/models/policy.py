@@ -41,7 +41,8 @@ def build_encoder(spec: dict, cfg) -> nn.Module:
     mean = torch.as_tensor(spec["obs_mean"], dtype=torch.float32)
     std = torch.as_tensor(spec["obs_std"], dtype=torch.float32)
     if spec.get("rgb_shape"):
-        return RGBEncoder(spec["obs_dim"], mean, std, spec["rgb_shape"][-1], cfg.cnn_channels, cfg.encoder_dim)
+        return RGBEncoder(spec["obs_dim"], mean, std, spec["rgb_shape"][-1], cfg.cnn_channels, cfg.encoder_dim,
+                          head=cfg.cnn_head, image_hw=tuple(spec["rgb_shape"][:2]))
     return StateEncoder(spec["obs_dim"], mean, std, cfg.encoder, cfg.encoder_dim)
 
 

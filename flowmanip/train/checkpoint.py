@@ -465,7 +465,7 @@ def architecture_keys(policy_cfg, actor: str, rgb: bool) -> list[str]:
     else:
         keys += ["decoder_layers", "decoder_heads", "decoder_dim", "decoder_tokens", "decoder_memory_tokens"]
     if rgb:
-        keys += ["cnn_channels", "encoder_dim"]
+        keys += ["cnn_channels", "cnn_head", "encoder_dim"]
     else:
         keys += ["encoder"] + (["encoder_dim"] if policy_cfg.encoder != "identity" else [])
     return keys
